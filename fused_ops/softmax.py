@@ -1,0 +1,110 @@
+"""softmax_laplace: temperature softmax followed by Laplace (additive) smoothing, row-wise.
+
+p = softmax(x / T); p = (p + alpha) / (1 + alpha * N), float32 out.
+Rows up to SINGLE_PASS_MAX wide live in registers (one read, one write); wider rows take an
+online max/sum pass and a write pass (two reads, one write).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._runtime import pow2, rows, use_triton
+
+LOG2E = 1.4426950408889634
+SINGLE_PASS_MAX = 32768     # widest row kept whole in registers (16 warps x 32 lanes x 64 values)
+ONLINE_BLOCK = 4096         # chunk width of the two-pass path
+
+
+@triton.jit
+def _laplace(e, inv_sum, alpha_scaled, inv_norm):
+    # (e / sum + alpha) / (1 + alpha * N) with the two divisions folded into multiplies
+    return e * (inv_sum * inv_norm) + alpha_scaled
+
+
+@triton.jit
+def softmax_laplace_rows_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
+                                scale, alpha_scaled, inv_norm,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_M whole rows per program; `scale` = log2(e) / temperature."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.arange(0, BLOCK_N)
+    mask = (row[:, None] < n_rows) & (col[None, :] < n_cols)
+    row64 = row.to(tl.int64)
+    x = tl.load(x_ptr + row64[:, None] * stride_x + col[None, :], mask=mask, other=float("-inf"))
+    z = x.to(tl.float32) * scale
+    m = tl.max(z, axis=1)
+    e = tl.exp2(z - m[:, None])
+    e = tl.where(mask, e, 0.0)
+    s = tl.sum(e, axis=1)
+    p = _laplace(e, 1.0 / s[:, None], alpha_scaled, inv_norm)
+    tl.store(out_ptr + row64[:, None] * stride_out + col[None, :], p, mask=mask)
+
+
+@triton.jit
+def softmax_laplace_online_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out,
+                                  scale, alpha_scaled, inv_norm, BLOCK_N: tl.constexpr):
+    """One row per program: an online max/sum pass, then a write pass."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    out_row = out_ptr + row * stride_out
+    col = tl.arange(0, BLOCK_N)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        c = start + col
+        z = tl.load(x_row + c, mask=c < n_cols, other=float("-inf")).to(tl.float32) * scale
+        m_new = tl.maximum(m, z)
+        # lanes that have seen only -inf keep (m, s) = (-inf, 0) instead of computing -inf - -inf
+        seen = m_new != float("-inf")
+        s = tl.where(seen, s * tl.exp2(m - m_new) + tl.exp2(z - m_new), s)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    s_row = tl.sum(tl.where(m != float("-inf"), s * tl.exp2(m - m_row), 0.0), axis=0)
+    inv_sum = 1.0 / s_row
+    for start in range(0, n_cols, BLOCK_N):
+        c = start + col
+        z = tl.load(x_row + c, mask=c < n_cols, other=float("-inf")).to(tl.float32) * scale
+        p = _laplace(tl.exp2(z - m_row), inv_sum, alpha_scaled, inv_norm)
+        tl.store(out_row + c, p, mask=c < n_cols)
+
+
+def launch_softmax_laplace(logits: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    x = rows(logits)
+    n_rows, n_cols = x.shape
+    out = torch.empty((n_rows, n_cols), dtype=torch.float32, device=x.device)
+    if n_rows == 0 or n_cols == 0:
+        return out.reshape(logits.shape)
+    inv_norm = 1.0 / (1.0 + alpha * n_cols)
+    args = (LOG2E / temperature, alpha * inv_norm, inv_norm)
+    if n_cols <= SINGLE_PASS_MAX:
+        block_n = pow2(n_cols)
+        block_m = max(1, min(64, 2048 // block_n, pow2(n_rows)))   # ~2K elements per program
+        warps = max(1, min(16, block_m * block_n // 256))
+        grid = (triton.cdiv(n_rows, block_m),)
+        softmax_laplace_rows_kernel[grid](x, out, n_rows, n_cols, x.stride(0), out.stride(0), *args,
+                                          BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    else:
+        softmax_laplace_online_kernel[(n_rows,)](x, out, n_cols, x.stride(0), out.stride(0), *args,
+                                                 BLOCK_N=ONLINE_BLOCK, num_warps=8)
+    return out.reshape(logits.shape)
+
+
+@torch.library.custom_op("fused_ops::softmax_laplace", mutates_args=())
+def _softmax_laplace_op(logits: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    if use_triton(logits):
+        return launch_softmax_laplace(logits, temperature, alpha)
+    return reference._softmax_laplace(logits, temperature, alpha).to(torch.float32)
+
+
+@_softmax_laplace_op.register_fake
+def _(logits, temperature, alpha):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def softmax_laplace(logits: torch.Tensor, *, temperature: float = 1.0, alpha: float = 0.0) -> torch.Tensor:
+    """Temperature softmax over the last dim, then Laplace smoothing; float32 probabilities."""
+    reference.check_softmax_laplace(logits, temperature, alpha)
+    return _softmax_laplace_op(logits, float(temperature), float(alpha))

@@ -1,0 +1,107 @@
+"""topk_gating: the k largest values per row, descending, ties to the lower index, NaN last.
+
+Each value becomes an order-preserving int32 key (NaN maps just above the "taken" sentinel), so
+one integer max plus one min over the matching columns picks the next winner, k times.
+The `topk_tile` helper is shared with the fused router.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._runtime import pow2, rows, use_triton
+
+TAKEN = -2147483648           # int32 min: a column already picked, or padding
+NAN_KEY = -2147483647         # just above TAKEN: NaN ranks below every number, -inf included
+MAX_SINGLE_BLOCK = 16384      # widest row handled by one program; wider rows use the reference path
+
+
+@triton.jit
+def ordered_key(x):
+    """float32 -> int32 with the same order; +0 and -0 share a key; NaN -> NAN_KEY."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(x == 0.0, 0, key)
+    return tl.where(x != x, NAN_KEY, key)
+
+
+@triton.jit
+def key_value(key):
+    """Inverse of ordered_key (the map is its own inverse on non-NaN keys)."""
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    value = bits.to(tl.float32, bitcast=True)
+    return tl.where(key == NAN_KEY, float("nan"), value)
+
+
+@triton.jit
+def topk_tile(x, col, valid, k, BLOCK_K: tl.constexpr):
+    """Top-k of each row of a [BM, BE] float32 tile; `col` the column ids, `valid` the live lanes.
+
+    Returns (values [BM, BLOCK_K] float32, indices [BM, BLOCK_K] int32); lanes >= k are 0.
+    """
+    key = tl.where(valid, ordered_key(x), TAKEN)
+    slot = tl.arange(0, BLOCK_K)[None, :]
+    values = tl.zeros([x.shape[0], BLOCK_K], tl.float32)
+    indices = tl.zeros([x.shape[0], BLOCK_K], tl.int32)
+    for j in range(k):
+        best = tl.max(key, axis=1)
+        idx = tl.min(tl.where(key == best[:, None], col, x.shape[1]), axis=1)
+        key = tl.where(col == idx[:, None], TAKEN, key)
+        values = tl.where(slot == j, key_value(best)[:, None], values)
+        indices = tl.where(slot == j, idx[:, None], indices)
+    return values, indices
+
+
+@triton.jit
+def topk_gating_kernel(p_ptr, w_ptr, i_ptr, n_rows, n_cols, stride_p, k, RENORMALIZE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row64 = row.to(tl.int64)
+    col = tl.arange(0, BLOCK_E)[None, :]
+    valid = (row[:, None] < n_rows) & (col < n_cols)
+    x = tl.load(p_ptr + row64[:, None] * stride_p + col, mask=valid, other=0.0).to(tl.float32)
+    values, indices = topk_tile(x, col, valid, k, BLOCK_K)
+    if RENORMALIZE:
+        values = values / tl.sum(values, axis=1)[:, None]
+    slot = tl.arange(0, BLOCK_K)[None, :]
+    out_mask = (row[:, None] < n_rows) & (slot < k)
+    tl.store(w_ptr + row64[:, None] * k + slot, values, mask=out_mask)
+    tl.store(i_ptr + row64[:, None] * k + slot, indices, mask=out_mask)
+
+
+def launch_topk_gating(probs: torch.Tensor, k: int, renormalize: bool):
+    p = rows(probs)
+    n_rows, n_cols = p.shape
+    weights = torch.empty((n_rows, k), dtype=torch.float32, device=p.device)
+    indices = torch.empty((n_rows, k), dtype=torch.int32, device=p.device)
+    if n_rows > 0:
+        block_e = pow2(n_cols)
+        block_m = max(1, min(64, 2048 // block_e, pow2(n_rows)))
+        warps = max(1, min(16, block_m * block_e // 256))
+        topk_gating_kernel[(triton.cdiv(n_rows, block_m),)](
+            p, weights, indices, n_rows, n_cols, p.stride(0), k, RENORMALIZE=renormalize,
+            BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=pow2(k), num_warps=warps)
+    out_shape = (*probs.shape[:-1], k)
+    return weights.reshape(out_shape), indices.reshape(out_shape)
+
+
+@torch.library.custom_op("fused_ops::topk_gating", mutates_args=())
+def _topk_gating_op(probs: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(probs) and probs.shape[-1] <= MAX_SINGLE_BLOCK:
+        return launch_topk_gating(probs, k, renormalize)
+    w, i = reference._topk_gating(probs, k, renormalize)
+    return w.to(torch.float32), i
+
+
+@_topk_gating_op.register_fake
+def _(probs, k, renormalize):
+    shape = (*probs.shape[:-1], k)
+    return probs.new_empty(shape, dtype=torch.float32), probs.new_empty(shape, dtype=torch.int32)
+
+
+def topk_gating(probs: torch.Tensor, k: int, *, renormalize: bool = False):
+    """(weights float32 [..., k], indices int32 [..., k]) of the k largest entries per row."""
+    reference.check_topk_gating(probs, k)
+    return _topk_gating_op(probs, k, bool(renormalize))
