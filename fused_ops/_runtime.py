@@ -1,6 +1,7 @@
 """Where each op runs, and small launcher helpers shared by every op file."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -20,7 +21,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def rows(t: torch.Tensor) -> torch.Tensor:
     """[..., n] -> [rows, n] with a unit stride on the last dim (copies only when it must)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
 

@@ -53,9 +53,11 @@ def softmax_laplace_online_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out,
     col = tl.arange(0, BLOCK_N)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
+    has_nan = tl.zeros([BLOCK_N], tl.int32)
     for start in range(0, n_cols, BLOCK_N):
         c = start + col
         z = tl.load(x_row + c, mask=c < n_cols, other=float("-inf")).to(tl.float32) * scale
+        has_nan |= (z != z).to(tl.int32)          # max() may drop NaN; the flag keeps it
         m_new = tl.maximum(m, z)
         # lanes that have seen only -inf keep (m, s) = (-inf, 0) instead of computing -inf - -inf
         seen = m_new != float("-inf")
@@ -63,6 +65,7 @@ def softmax_laplace_online_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out,
         m = m_new
     m_row = tl.max(m, axis=0)
     s_row = tl.sum(tl.where(m != float("-inf"), s * tl.exp2(m - m_row), 0.0), axis=0)
+    s_row = tl.where(tl.max(has_nan, axis=0) > 0, float("nan"), s_row)
     inv_sum = 1.0 / s_row
     for start in range(0, n_cols, BLOCK_N):
         c = start + col

@@ -97,14 +97,14 @@ def run_case(case: Case, ceilings: Ceilings, env: dict) -> list[dict]:
         except Exception as exc:               # a provider that fails is reported, never faked
             print(f"  skipped {case.op}/{provider} {shape_str(case.shape)}: {type(exc).__name__}: {exc}")
             continue
-        best = min(ms, graph_ms) if case.graph and graph_ms == graph_ms else ms
         rows.append({
             "op": case.op, "provider": provider, "shape": shape_str(case.shape),
             "dtype": str(case.dtype).replace("torch.", ""), "ms": ms, "graph_ms": graph_ms,
-            "gb_s": case.bytes / (best * 1e-3) / 1e9, "tflop_s": case.flops / (best * 1e-3) / 1e12,
-            "floor_ms": floor, "floor_ratio": floor / best, "bytes": case.bytes, "flops": case.flops,
-            **env,
+            "bytes": case.bytes, "flops": case.flops, "floor_ms": floor, **env,
         })
+        best = _best(rows[-1])
+        rows[-1].update(gb_s=case.bytes / (best * 1e-3) / 1e9, tflop_s=case.flops / (best * 1e-3) / 1e12,
+                        floor_ratio=floor / best)
     return rows
 
 
@@ -158,8 +158,7 @@ def plot(rows: list[dict], op: str, x_field: str, path: str, title_extra: str = 
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for provider in dict.fromkeys(r["provider"] for r in sel):
-        pts = sorted((x_of(r), min(r["ms"], r["graph_ms"]) if r["graph_ms"] == r["graph_ms"] else r["ms"])
-                     for r in sel if r["provider"] == provider)
+        pts = sorted((x_of(r), _best(r)) for r in sel if r["provider"] == provider)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
     floor = sorted({(x_of(r), r["floor_ms"]) for r in sel})
     ax.plot([p[0] for p in floor], [p[1] for p in floor], "k--", label="floor (bytes/BW, FLOPs/rate)")
@@ -175,3 +174,23 @@ def plot(rows: list[dict], op: str, x_field: str, path: str, title_extra: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def print_table(rows: list[dict]) -> None:
+    """One line per measurement: time, graph time, floor ratio and speedup over each case's best peer."""
+    best_peer = {}
+    for r in rows:
+        if r["provider"] != "fused_ops":
+            key = (r["op"], r["shape"], r["dtype"])
+            best_peer[key] = min(best_peer.get(key, float("inf")), _best(r))
+    print(f"{'op':<18} {'shape':<34} {'provider':<26} {'ms':>9} {'graph ms':>9} {'floor':>6} {'vs best peer':>12}")
+    for r in rows:
+        peer = best_peer.get((r["op"], r["shape"], r["dtype"]))
+        vs = f"{peer / _best(r):.2f}x" if peer and r["provider"] == "fused_ops" else ""
+        print(f"{r['op']:<18} {r['shape']:<34} {r['provider']:<26} {r['ms']:>9.4f} {r['graph_ms']:>9.4f} "
+              f"{r['floor_ratio']:>6.0%} {vs:>12}")
+
+
+def _best(row: dict) -> float:
+    g = row["graph_ms"]
+    return min(row["ms"], g) if g == g else row["ms"]

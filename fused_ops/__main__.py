@@ -1,0 +1,102 @@
+"""python -m fused_ops info | demo"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+
+def _device_summary() -> dict:
+    import triton
+
+    from ._runtime import INTERPRET
+    info = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, compute_capability=f"{props.major}.{props.minor}",
+                    multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+        info["backend"] = "triton kernels (CUDA)"
+    else:
+        info.update(device="cpu", compute_capability="-")
+        info["backend"] = ("triton kernels through the interpreter (TRITON_INTERPRET=1)" if INTERPRET
+                           else "plain-torch reference (fused_ops.reference)")
+    return info
+
+
+def cmd_info(_args) -> None:
+    from . import __all__ as ops
+    for key, value in _device_summary().items():
+        print(f"{key:>20}: {value}")
+    print(f"{'ops':>20}: {', '.join(o for o in ops if o[0].islower())}")
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    """Median milliseconds over `repeats` calls (CUDA: events through do_bench)."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def cmd_demo(args) -> None:
+    from . import FuseMoE, FuseMoEConfig
+    from ._runtime import INTERPRET
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not INTERPRET:
+        # no GPU: run the real kernels through Triton's interpreter, which must be on before import
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "fused_ops", *sys.argv[1:]])
+    device = "cuda" if on_gpu else "cpu"
+    if on_gpu:
+        config, dtype, batches = FuseMoEConfig(), torch.bfloat16, (32, 256, 2048)
+    else:
+        config = FuseMoEConfig(d_in=520, d_hidden=256, d_out=96, num_experts=8, top_k=4)
+        dtype, batches = torch.float32, (32, 256)
+    print(f"FuseMoE demo on {device} ({dtype}): {config}")
+    torch.manual_seed(0)
+    ref = FuseMoE(config, backend="torch", device=device, dtype=dtype)
+    fast = FuseMoE(config, backend="triton", device=device, dtype=dtype)
+    fast.load_state_dict(ref.state_dict())
+    rows = []
+    with torch.inference_mode():
+        for m in batches:
+            x = torch.randn(m, config.d_in, device=device, dtype=dtype)
+            y_ref, (_, i_ref) = ref(x, return_routing=True)
+            y, (_, i) = fast(x, return_routing=True)
+            same = (i == i_ref).all(-1)
+            err = ((y[same].float() - y_ref[same].float()).norm() / y_ref[same].float().norm()).item()
+            t_ref = _timed(lambda: ref(x), device, args.repeats)
+            t_fast = _timed(lambda: fast(x), device, args.repeats)
+            rows.append((m, float(same.float().mean()), err, t_ref, t_fast))
+    print(f"\n{'tokens':>7} {'routing equal':>14} {'rel. error':>11} {'torch ms':>10} {'triton ms':>10} {'speedup':>8}")
+    for m, agree, err, t_ref, t_fast in rows:
+        print(f"{m:>7} {agree:>14.1%} {err:>11.2e} {t_ref:>10.3f} {t_fast:>10.3f} {t_ref / t_fast:>7.2f}x")
+    if not on_gpu:
+        print("\n(no GPU: the triton backend ran its kernels in Triton's CPU interpreter, which checks them"
+              "\n but is no measure of speed; run the demo on a CUDA GPU for real timings)")
+    worst = max(r[2] for r in rows)
+    tolerance = 1e-2 if dtype != torch.float32 else 1e-4
+    if worst > tolerance:
+        raise SystemExit(f"demo: triton and torch backends differ (relative error {worst:.2e} > {tolerance})")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fused_ops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="device, versions and which backend the ops use")
+    demo = sub.add_parser("demo", help="build a FuseMoE, check triton against torch, time both")
+    demo.add_argument("--repeats", type=int, default=5, help="timed calls per case on CPU")
+    args = parser.parse_args(argv)
+    {"info": cmd_info, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
