@@ -1,6 +1,7 @@
 """Where each op runs, and small launcher helpers shared by every op file."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -10,6 +11,11 @@ import triton.language as tl
 
 # Under TRITON_INTERPRET=1 (the CPU test suite) the Triton kernels run on CPU tensors too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The interpreter has no device to ask: a small SM count makes CPU tests reach the multi-program
+# paths (split-K, several row blocks) that real GPUs take at larger sizes.
+INTERPRET_SM_COUNT = 4
+INTERPRET_SHARED_MEMORY = 232448
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -32,3 +38,31 @@ def pow2(n: int, lo: int = 1) -> int:
 def dot_upcast(*tensors: torch.Tensor) -> bool:
     """The interpreter's tl.dot on two bf16 operands is wrong (triton 3.9): upcast there only."""
     return INTERPRET and any(t.dtype == torch.bfloat16 for t in tensors)
+
+
+def row_tiles(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for kernels that hold whole rows in registers: about 2K
+    elements per program (several short rows or one long one), at most 32 values per thread."""
+    block_n = pow2(n_cols)
+    block_m = max(1, min(64, 2048 // block_n, pow2(n_rows)))
+    return block_m, block_n, max(1, min(32, block_m * block_n // 512))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limits(index: int) -> tuple[int, int]:
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return props["multiprocessor_count"], props["max_shared_mem"]
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (grid sizing)."""
+    if device.type != "cuda":
+        return INTERPRET_SM_COUNT
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Opt-in shared memory per program in bytes (232448 on sm_90/sm_100, 101376 on sm_120)."""
+    if device.type != "cuda":
+        return INTERPRET_SHARED_MEMORY
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())[1]

@@ -1,6 +1,372 @@
-"""placeholder: replaced by the Triton implementation."""
-from . import reference
+"""MaxSim (late interaction): padded, packed and top-k scoring with one Triton kernel.
 
-maxsim = reference.maxsim
-maxsim_varlen = reference.maxsim_varlen
-maxsim_topk = reference.maxsim_topk
+scores[q, n] = sum_{i < q_len[q]} max_{j < len[n]} <Q[q, i], D[n, j]>   (divided by q_len for "mean")
+
+How the work is laid out
+- Rows (the M dim of the dot): the query tokens of the whole call are flattened. A row block of
+  BLOCK_Q rows holds `qpb` whole queries when Lq <= BLOCK_Q (row r -> query r // Lq), or one
+  BLOCK_Q-token slice ("split") of one query when Lq > BLOCK_Q; a program loops over a query's
+  splits itself, so each score is finished in one program (no partial buffers, deterministic).
+- Documents: a program takes a group of GROUP consecutive documents. A document is a start row and
+  a real length (padded: n * D.stride(0) and d_lengths[n]; packed: doc_offsets[n] and
+  offsets[n + 1] - offsets[n]), so both layouts share the kernel. Real tokens stream through in
+  BLOCK_D chunks (unmasked), then a masked tail in TAIL_D chunks; S = Q_rows @ chunk^T stays on
+  chip (fp32 accumulation, bf16/fp16 operands as they are), pad columns become -inf before the
+  running row max. Rows of absent query tokens add 0 to the per-query sums, never -inf * 0.
+- Grid: document groups x query groups, query groups fastest, so the programs that read one
+  document group run side by side and D comes from HBM about once per call (repeats hit L2).
+- maxsim_topk: GROUP grows to hundreds of documents; a program keeps its group's scores in
+  registers and writes only their top k per query (ties to the lower index, NaN last); a
+  ranked_topk over the [Nq, groups * k] candidates picks the final k. The [Nq, Nd] scores are
+  never written.
+- Lengths and offsets are clamped to the tensor they index, so bad values (unchecked during
+  CUDA-graph capture) can give wrong scores but never read out of bounds.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._runtime import TL_DTYPE, dot_upcast, pow2, use_triton
+from .topk import topk_tile
+
+MAX_TILE_ELEMS = 256 * 128        # BLOCK_Q * BLOCK_K of the query tile (64 KB in bf16)
+MAX_SCORE_TILE = 8192             # QPB_PAD * GROUP: the register tile of one program's scores
+MAX_TOPK_GROUP = 1024             # documents per program on the top-k path
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _doc_span(d_ptr, span_ptr, n, n_tokens, stride_dn, stride_dt, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr):
+    """(pointer to the first token, real length) of document n, clamped to the tensor."""
+    if PACKED:
+        start = tl.minimum(tl.maximum(tl.load(span_ptr + n).to(tl.int64), 0), n_tokens)
+        end = tl.minimum(tl.maximum(tl.load(span_ptr + n + 1).to(tl.int64), start), n_tokens)
+        first = d_ptr + start * stride_dt
+        length = (end - start).to(tl.int32)
+    else:
+        first = d_ptr + n.to(tl.int64) * stride_dn
+        if HAS_SPAN:
+            length = tl.minimum(tl.maximum(tl.load(span_ptr + n).to(tl.int32), 0), n_tokens)
+        else:
+            length = n_tokens + tl.zeros([], tl.int32)
+    return first, length
+
+
+@triton.jit
+def _rowmax_chunks(m, q, first, stride_dt, lo, hi, length, k_off,
+                   BLOCK: tl.constexpr, MASKED: tl.constexpr, DIM: tl.constexpr, BLOCK_K: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Running row max of Q_rows @ D[t]^T over tokens lo..hi in BLOCK chunks; MASKED for the tail."""
+    t = tl.arange(0, BLOCK)
+    for c in range(lo, hi, BLOCK):
+        tok = c + t
+        ptrs = first + tok.to(tl.int64)[:, None] * stride_dt + k_off[None, :]
+        if MASKED:
+            chunk = tl.load(ptrs, mask=(tok[:, None] < length) & (k_off[None, :] < DIM), other=0.0)
+        elif DIM == BLOCK_K:
+            chunk = tl.load(ptrs)
+        else:
+            chunk = tl.load(ptrs, mask=k_off[None, :] < DIM, other=0.0)
+        if UPCAST:
+            s = tl.dot(q.to(tl.float32), tl.trans(chunk.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(chunk), input_precision=PRECISION)
+        if MASKED:
+            s = tl.where(tok[None, :] < length, s, float("-inf"))
+        m = tl.maximum(m, tl.max(s, axis=1))
+    return m
+
+
+@triton.jit
+def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
+                  n_queries, n_docs, q_tokens, n_tokens, lq_tile, qpb, k,
+                  stride_qn, stride_ql, stride_dn, stride_dt, stride_on,
+                  DIM: tl.constexpr, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr, HAS_Q_LEN: tl.constexpr,
+                  MEAN: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+                  TAIL_D: tl.constexpr, BLOCK_K: tl.constexpr, QPB_PAD: tl.constexpr, GROUP: tl.constexpr,
+                  K_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One program: GROUP documents x one query group (qpb queries, all their splits).
+
+    n_tokens: the padded length Ld, or the row count T of the packed layout.
+    TOPK: write the group's top k per query to (out, idx) [Nq, groups, k] instead of all scores.
+    """
+    n_qgroups = tl.cdiv(n_queries, qpb)
+    qg = tl.program_id(0) % n_qgroups
+    dg = tl.program_id(0) // n_qgroups
+    k_off = tl.arange(0, BLOCK_K)
+
+    # the queries of this group: one lane each
+    jq = tl.arange(0, QPB_PAD)
+    query_q = qg * qpb + jq
+    live_q = (jq < qpb) & (query_q < n_queries)
+    if HAS_Q_LEN:
+        len_q = tl.minimum(tl.maximum(tl.load(q_len_ptr + query_q, mask=live_q, other=0).to(tl.int32), 0), q_tokens)
+    else:
+        len_q = tl.where(live_q, q_tokens, 0)
+    n_splits = tl.cdiv(tl.max(len_q, axis=0), lq_tile)
+
+    # the rows: row r is token (split * lq_tile + r % lq_tile) of local query r // lq_tile
+    r = tl.arange(0, BLOCK_Q)
+    j = r // lq_tile
+    query_r = qg * qpb + j
+    live_r = (j < qpb) & (query_r < n_queries)
+    if HAS_Q_LEN:
+        len_r = tl.minimum(tl.maximum(tl.load(q_len_ptr + query_r, mask=live_r, other=0).to(tl.int32), 0), q_tokens)
+    else:
+        len_r = tl.where(live_r, q_tokens, 0)
+    row_ptr = q_ptr + query_r.to(tl.int64) * stride_qn
+    owner = j[:, None] == jq[None, :]                       # [BLOCK_Q, QPB_PAD]: row r belongs to query j
+
+    n0 = dg * GROUP
+    n_here = tl.minimum(n_docs - n0, GROUP)
+    col = tl.arange(0, GROUP)
+    acc = tl.zeros([QPB_PAD, GROUP], tl.float32)
+    for split in range(0, n_splits):
+        tok_q = split * lq_tile + (r - j * lq_tile)
+        row_ok = tok_q < len_r
+        q = tl.load(row_ptr[:, None] + tok_q[:, None] * stride_ql + k_off[None, :],
+                    mask=row_ok[:, None] & (k_off[None, :] < DIM), other=0.0)
+        for i in range(0, n_here):
+            first, length = _doc_span(d_ptr, span_ptr, n0 + i, n_tokens, stride_dn, stride_dt, PACKED, HAS_SPAN)
+            full = length - length % BLOCK_D
+            m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+            m = _rowmax_chunks(m, q, first, stride_dt, 0, full, length, k_off,
+                               BLOCK_D, False, DIM, BLOCK_K, UPCAST, PRECISION)
+            m = _rowmax_chunks(m, q, first, stride_dt, full, length, length, k_off,
+                               TAIL_D, True, DIM, BLOCK_K, UPCAST, PRECISION)
+            per_query = tl.sum(tl.where(owner & row_ok[:, None], m[:, None], 0.0), axis=0)
+            acc = tl.where(col[None, :] == i, acc + per_query[:, None], acc)
+    if MEAN:
+        acc = acc / tl.maximum(len_q, 1).to(tl.float32)[:, None]
+
+    live_doc = col[None, :] < n_here
+    if TOPK:
+        values, local = topk_tile(acc, col[None, :], live_doc, k, K_PAD)
+        slot = tl.arange(0, K_PAD)[None, :]
+        dst = query_q.to(tl.int64)[:, None] * stride_on + dg * k + slot
+        ok = live_q[:, None] & (slot < k)
+        tl.store(out_ptr + dst, values, mask=ok)
+        tl.store(idx_ptr + dst, n0 + local.to(tl.int64), mask=ok)
+    else:
+        dst = query_q.to(tl.int64)[:, None] * stride_on + n0 + col[None, :]
+        tl.store(out_ptr + dst, acc, mask=live_q[:, None] & live_doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaxSimConfig:
+    block_q: int        # query-token rows per program (M of the dot)
+    block_d: int        # document tokens per unmasked chunk (N of the dot)
+    tail_d: int         # chunk width of the masked tail past the last full chunk
+    group: int          # documents per program
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """How the query tokens fill a row block."""
+    lq_tile: int        # tokens of one query per block
+    qpb: int            # queries per block
+    n_qgroups: int
+
+    @classmethod
+    def of(cls, block_q: int, n_queries: int, q_tokens: int) -> "_Rows":
+        lq_tile = min(q_tokens, block_q)
+        qpb = block_q // lq_tile
+        return cls(lq_tile, qpb, triton.cdiv(n_queries, qpb))
+
+    @property
+    def qpb_pad(self) -> int:
+        return pow2(self.qpb)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4                  # the interpreter: a few programs are enough
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
+
+
+def _pick_block_q(n_queries: int, q_tokens: int, block_k: int) -> int:
+    """Fewest padded rows, weighted towards tall blocks (each block re-reads D from L2)."""
+    def cost(bq):
+        rows = _Rows.of(bq, n_queries, q_tokens)
+        return rows.n_qgroups * triton.cdiv(q_tokens, rows.lq_tile) * bq * (1 + 16 / bq)
+    sizes = [bq for bq in (256, 128, 64, 32, 16) if bq * block_k <= MAX_TILE_ELEMS]
+    return min(sizes, key=cost)
+
+
+def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, device: torch.device,
+                k: Optional[int] = None) -> MaxSimConfig:
+    """Block sizes from the shape; `k` asks for the top-k path's large document groups."""
+    block_k = pow2(dim, 16)
+    block_q = _pick_block_q(n_queries, q_tokens, block_k)
+    rows = _Rows.of(block_q, n_queries, q_tokens)
+    block_d = 64 if block_k <= 128 else 32
+    work = n_docs * rows.n_qgroups                 # (document, query group) pairs
+    cap = MAX_SCORE_TILE // rows.qpb_pad
+    if k is None:           # ~8 programs per SM, at most 16 documents each
+        group = min(16, cap, _pow2_floor(work // (8 * _sm_count(device))))
+    else:                   # ~2 programs per SM, as many documents as the score tile holds
+        group = max(16, min(MAX_TOPK_GROUP, cap, _pow2_floor(work // (2 * _sm_count(device)))))
+    smem = 2 * block_k * (block_q + 3 * block_d)
+    return MaxSimConfig(block_q=block_q, block_d=block_d, tail_d=16, group=group,
+                        num_warps=4 if block_q <= 64 else 8, num_stages=3 if smem <= 160 * 1024 else 2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _precision(t: torch.Tensor) -> str:
+    return "tf32" if t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
+    """Scores [Nq, Nd] (k None) or top-k candidates ([Nq, groups * k] values, indices).
+
+    D is [Nd, Ld, d] (spans = d_lengths or None) or packed [T, d] (spans = doc_offsets).
+    """
+    Q = _unit_last(Q)
+    D = _unit_last(D)
+    n_queries, q_tokens, dim = Q.shape
+    n_docs = spans.shape[0] - 1 if packed else D.shape[0]
+    cfg = config or pick_config(n_queries, q_tokens, n_docs, dim, Q.device, k)
+    rows = _Rows.of(cfg.block_q, n_queries, q_tokens)
+    n_groups = triton.cdiv(n_docs, cfg.group)
+    if k is None:
+        out = torch.empty((n_queries, n_docs), dtype=torch.float32, device=Q.device)
+        idx = out
+        stride_on = n_docs
+    else:
+        out = torch.empty((n_queries, n_groups * k), dtype=torch.float32, device=Q.device)
+        idx = torch.empty((n_queries, n_groups * k), dtype=torch.int64, device=Q.device)
+        stride_on = n_groups * k
+    if n_queries == 0 or n_docs == 0:
+        return out if k is None else (out, idx)
+    if packed:
+        n_tokens, stride_dn, stride_dt = D.shape[0], 0, D.stride(0)
+    else:
+        n_tokens, stride_dn, stride_dt = D.shape[1], D.stride(0), D.stride(1)
+    span_ptr = Q if spans is None else spans.contiguous()
+    q_len_ptr = Q if q_lengths is None else q_lengths.contiguous()
+    maxsim_kernel[(n_groups * rows.n_qgroups,)](
+        Q, D, span_ptr, q_len_ptr, out, idx,
+        n_queries, n_docs, q_tokens, n_tokens, rows.lq_tile, rows.qpb, k or 0,
+        Q.stride(0), Q.stride(1), stride_dn, stride_dt, stride_on,
+        DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
+        MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
+        TAIL_D=cfg.tail_d, BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=cfg.group,
+        K_PAD=pow2(k or 1), UPCAST=dot_upcast(Q), PRECISION=_precision(Q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out if k is None else (out, idx)
+
+
+def launch_maxsim(Q, D, q_lengths=None, d_lengths=None, reduction="sum", config=None) -> torch.Tensor:
+    return _launch(Q, D, d_lengths, False, q_lengths, reduction, None, config)
+
+
+def launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths=None, reduction="sum", config=None) -> torch.Tensor:
+    return _launch(Q, D_packed, doc_offsets, True, q_lengths, reduction, None, config)
+
+
+def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum", config=None):
+    """Per-group top-k candidates in the kernel, then the final k; all scores only when k is
+    too large for a group to shrink the candidates."""
+    cfg = config or pick_config(Q.shape[0], Q.shape[1], D.shape[0], D.shape[2], Q.device, k)
+    if 2 * k > cfg.group:
+        return reference.ranked_topk(_launch(Q, D, d_lengths, False, q_lengths, reduction, None, config), k)
+    # candidates are in document order within equal values (groups ascend, and topk_tile breaks
+    # ties to the lower index), so ranked_topk's stable ties still go to the lower document;
+    # unused slots of a short last group hold NaN after every real candidate and are never
+    # reached since k <= Nd
+    cand, cand_idx = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, cfg)
+    values, pos = reference.ranked_topk(cand, k)
+    return values, cand_idx.gather(1, pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops and the public API
+# ---------------------------------------------------------------------------------------------
+def _kernel_ok(Q: torch.Tensor) -> bool:
+    """float64 (the tests' oracle precision) stays on the reference."""
+    return use_triton(Q) and Q.dtype in TL_DTYPE
+
+
+@torch.library.custom_op("fused_ops::maxsim", mutates_args=())
+def _maxsim_op(Q: torch.Tensor, D: torch.Tensor, q_lengths: Optional[torch.Tensor],
+               d_lengths: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    if _kernel_ok(Q):
+        return launch_maxsim(Q, D, q_lengths, d_lengths, reduction)
+    return reference._maxsim(Q, D, q_lengths, d_lengths, reduction).to(torch.float32)
+
+
+@_maxsim_op.register_fake
+def _(Q, D, q_lengths, d_lengths, reduction):
+    return Q.new_empty((Q.shape[0], D.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_ops::maxsim_varlen", mutates_args=())
+def _maxsim_varlen_op(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torch.Tensor,
+                      q_lengths: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
+    if _kernel_ok(Q):
+        return launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction)
+    D, lengths = reference.unpack_documents(D_packed, doc_offsets)
+    return reference._maxsim(Q, D, q_lengths, lengths, reduction).to(torch.float32)
+
+
+@_maxsim_varlen_op.register_fake
+def _(Q, D_packed, doc_offsets, q_lengths, reduction):
+    return Q.new_empty((Q.shape[0], doc_offsets.shape[0] - 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_ops::maxsim_topk", mutates_args=())
+def _maxsim_topk_op(Q: torch.Tensor, D: torch.Tensor, k: int, q_lengths: Optional[torch.Tensor],
+                    d_lengths: Optional[torch.Tensor], reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if _kernel_ok(Q):
+        return launch_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction)
+    scores = reference._maxsim(Q, D, q_lengths, d_lengths, reduction).to(torch.float32)
+    return reference.ranked_topk(scores, k)
+
+
+@_maxsim_topk_op.register_fake
+def _(Q, D, k, q_lengths, d_lengths, reduction):
+    shape = (Q.shape[0], k)
+    return Q.new_empty(shape, dtype=torch.float32), Q.new_empty(shape, dtype=torch.int64)
+
+
+def maxsim(Q: torch.Tensor, D: torch.Tensor, *, q_lengths: Optional[torch.Tensor] = None,
+           d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
+    """float32 scores [Nq, Nd] of queries Q [Nq, Lq, d] against padded documents D [Nd, Ld, d]."""
+    reference.check_maxsim(Q, D, q_lengths, d_lengths, reduction)
+    return _maxsim_op(Q, D, q_lengths, d_lengths, reduction)
+
+
+def maxsim_varlen(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torch.Tensor, *,
+                  q_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
+    """float32 scores [Nq, Nd] against documents packed end to end in D_packed [T, d]."""
+    reference.check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction)
+    return _maxsim_varlen_op(Q, D_packed, doc_offsets, q_lengths, reduction)
+
+
+def maxsim_topk(Q: torch.Tensor, D: torch.Tensor, k: int, *, q_lengths: Optional[torch.Tensor] = None,
+                d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum"):
+    """(scores float32 [Nq, k], indices int64 [Nq, k]): each query's k best documents, descending."""
+    reference.check_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction)
+    return _maxsim_topk_op(Q, D, k, q_lengths, d_lengths, reduction)

@@ -1,6 +1,314 @@
-"""placeholder: replaced by the Triton implementation."""
+"""moe_experts: top-k mixture-of-experts FFN as two grouped GEMMs over expert-sorted (token, slot) pairs.
+
+  y[m] = sum_j weights[m, j] * (act(x[m] @ w1[e].T + b1[e]) @ w2[e].T + b2[e]),  e = indices[m, j]
+
+Pipeline (no host sync anywhere, so the whole op is CUDA-graph capturable):
+  1. moe_align (moe_align.py): pairs p = m * k + j grouped by expert, each expert padded to BLOCK_M,
+     plus a tile -> expert table; scratch sized on the host for the worst routing.
+  2. moe_gemm1_kernel: one program per (BLOCK_M tile of one expert's pairs, BLOCK_N columns of H).
+     Token rows are gathered from x through pointers (no permuted copy of x); bias and activation in
+     the epilogue; h [M*k, H] written once, in x's dtype, at row p.
+  3. moe_gemm2_kernel: the same over (tile, N columns) reading h rows p; bias and routing weight in
+     the epilogue. k = 1: rows go straight to y. k > 1: rows go to o [M*k, N] = [M, k, N] in x's
+     dtype and moe_combine_kernel sums each token's k rows in slot order (deterministic). Opt-in
+     (`atomic=True` or FUSED_OPS_MOE_ATOMIC=1): atomic float32 adds into y instead (not bitwise
+     reproducible; saves the combine launch and the [M, k, N] buffer).
+The grids depend on the shapes only: programs of tiles past the routed ones exit at once, so an
+expert without tokens costs a launch's share. With few tokens (M * k / E small) a tile holds every
+pair of its expert, so the grid is (expert, column block): each weight block is streamed from HBM
+once, across all SMs, and the batch is weight-bandwidth bound.
+
+Indices outside [0, E) cannot be rejected without a sync: their pairs get a bucket of their own
+whose second-GEMM tiles write NaN, so those tokens' rows of y are NaN (never a silent wrong value,
+never an out-of-bounds read). The CPU reference path raises ValueError instead.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
 from . import reference
+from ._runtime import TL_DTYPE, dot_upcast, use_triton
+from .moe_align import launch_moe_align
+
+ATOMIC_ENV = "FUSED_OPS_MOE_ATOMIC"
+SMEM_SM90 = 232448           # opt-in shared memory per block on sm_90 / sm_100
 
 
-def moe_experts(x, weights, indices, w1, b1, w2, b2, *, activation="gelu_tanh"):
-    return reference.moe_experts(x, weights, indices, w1, b1, w2, b2, activation=activation)
+@triton.jit
+def _activate(h, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "gelu_tanh":      # 0.5 h (1 + tanh(u)) = h sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3)
+        out = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+    elif ACTIVATION == "gelu":         # 0.5 h (1 + erf(h / sqrt(2)))
+        out = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACTIVATION == "relu":
+        out = tl.where(h < 0.0, 0.0, h)          # keeps NaN, like torch
+    else:
+        out = h * tl.sigmoid(h)
+    return out
+
+
+@triton.jit
+def _tile_order(pid, n_tiles, n_cols, GROUP_M: tl.constexpr):
+    """pid -> (tile, column block). GROUP_M tiles sweep the column blocks together, so a weight block
+    is reused from L2; tiles stay in order, so the idle ones past the routed ones come last."""
+    per_group = GROUP_M * n_cols
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(n_tiles - first, GROUP_M)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    if DOT_F32:                                  # the interpreter's bf16 dot is wrong
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
+                     n_pairs, top_k, n_experts, n_tiles, K, H,
+                     stride_xm, stride_xk, stride_we, stride_wh, stride_wk, stride_be, stride_bh, stride_hp,
+                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """h[p, n] = act(x[p // k] @ w1[e, n]^T + b1[e, n]) for the pairs p of one tile of expert e."""
+    tile, col = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
+    expert = tl.load(tile_bucket_ptr + tile)
+    if expert < n_experts:                       # the NaN bucket and unused tiles have nothing to do
+        pair = tl.load(pairs_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+        live = pair < n_pairs
+        token = tl.where(live, pair // top_k, 0)            # padding rows read row 0, never stored
+        offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # columns past H wrap around (valid addresses; those columns are never stored)
+        w_rows = (offs_n % H).to(tl.int64)
+        a_ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wh + offs_k[:, None] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = _mma(a, b, acc, DOT_F32, PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
+            b_ptrs += BLOCK_K * stride_wk
+        n_ok = offs_n < H
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bh, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        h = _activate(acc, ACTIVATION)
+        h_ptrs = h_ptr + pair.to(tl.int64)[:, None] * stride_hp + offs_n[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=live[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def moe_gemm2_kernel(h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pairs_ptr, tile_bucket_ptr,
+                     n_pairs, top_k, n_experts, n_tiles, H, N,
+                     stride_hp, stride_we, stride_wn, stride_wh, stride_be, stride_bn, stride_rm, stride_rj,
+                     stride_om,
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """weights[p] * (h[p] @ w2[e, n]^T + b2[e, n]) to out row p (ATOMIC: added to y row p // k)."""
+    tile, col = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    expert = tl.load(tile_bucket_ptr + tile)
+    if expert <= n_experts:                      # past the last bucket: unused tile
+        pair = tl.load(pairs_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+        live = pair < n_pairs
+        token = pair // top_k
+        offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_row = token if ATOMIC else pair
+        out_ptrs = out_ptr + out_row.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        out_mask = live[:, None] & (offs_n < N)[None, :]
+        if expert == n_experts:                  # indices outside [0, E): NaN rows, no weight read
+            acc = tl.full([BLOCK_M, BLOCK_N], float("nan"), tl.float32)
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            w_rows = (offs_n % N).to(tl.int64)
+            src = tl.where(live, pair, 0).to(tl.int64)
+            a_ptrs = h_ptr + src[:, None] * stride_hp + offs_k[None, :]
+            b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wh
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                k_ok = offs_k < H - k0
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                acc = _mma(a, b, acc, DOT_F32, PRECISION)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K * stride_wh
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn,
+                               mask=offs_n < N, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
+            slot = pair - token * top_k
+            rw = tl.load(rw_ptr + token.to(tl.int64) * stride_rm + slot * stride_rj, mask=live, other=0.0)
+            acc = acc * rw.to(tl.float32)[:, None]
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def moe_combine_kernel(o_ptr, y_ptr, M, N, top_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[m] = sum_j o[m * k + j] in slot order, float32 accumulation."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    first = rows.to(tl.int64) * top_k
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for j in range(top_k):
+        acc += tl.load(o_ptr + (first + j)[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs: a heuristic table by expected pairs per expert (the tuner replaces it later)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int          # output columns per program (H for the first GEMM, N for the second)
+    block_k: int          # contraction step, for 2-byte inputs (halved for float32)
+    group_m: int          # tiles that sweep the column blocks together (L2 reuse)
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    block_m: int          # pairs per tile (the routing alignment, shared by both GEMMs)
+    gemm1: GemmConfig
+    gemm2: GemmConfig
+
+
+# (largest mean pairs per expert, config). Small rows: one tile per expert and narrow column
+# blocks, so ~8 experts x H / 64 programs stream w1 over every SM (weight-bandwidth bound).
+# Large rows: 128-row tiles, wgmma-sized blocks (compute bound). Shared memory per stage is
+# (block_m + block_n) * block_k * 2 bytes.
+CONFIGS_SM90 = (      # 232448 B of shared memory per block (H100, H200, B200)
+    (8, MoeConfig(16, GemmConfig(64, 128, 1, 4, 5), GemmConfig(32, 128, 1, 4, 5))),
+    (24, MoeConfig(32, GemmConfig(64, 128, 1, 4, 4), GemmConfig(32, 128, 1, 4, 4))),
+    (48, MoeConfig(64, GemmConfig(64, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 4))),
+    (256, MoeConfig(64, GemmConfig(128, 64, 4, 4, 4), GemmConfig(64, 64, 4, 4, 4))),
+    (None, MoeConfig(128, GemmConfig(256, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4))),
+)
+CONFIGS_SMALL_SMEM = (  # 101376 B (sm_120, sm_89, sm_86)
+    (8, MoeConfig(16, GemmConfig(64, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))),
+    (24, MoeConfig(32, GemmConfig(64, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))),
+    (48, MoeConfig(64, GemmConfig(64, 64, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))),
+    (256, MoeConfig(64, GemmConfig(128, 64, 4, 4, 3), GemmConfig(64, 64, 4, 4, 3))),
+    (None, MoeConfig(128, GemmConfig(128, 32, 8, 8, 4), GemmConfig(128, 32, 8, 8, 4))),
+)
+# the interpreter: small blocks so CPU tests cover several tiles, column blocks and K steps
+CONFIG_INTERPRETER = MoeConfig(16, GemmConfig(32, 32, 2, 4, 1), GemmConfig(32, 32, 2, 4, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _config_table(device: torch.device):
+    props = torch.cuda.get_device_properties(device)
+    return CONFIGS_SM90 if props.shared_memory_per_block_optin >= SMEM_SM90 else CONFIGS_SMALL_SMEM
+
+
+def pick_config(n_pairs: int, n_experts: int, device: torch.device) -> MoeConfig:
+    if device.type != "cuda":
+        return CONFIG_INTERPRETER
+    per_expert = n_pairs / n_experts
+    for limit, config in _config_table(device):
+        if limit is None or per_expert <= limit:
+            return config
+
+
+def _for_dtype(g: GemmConfig, dtype: torch.dtype) -> GemmConfig:
+    """Same shared-memory bytes for 4-byte inputs: half the contraction step (at least 16)."""
+    return g if dtype.itemsize <= 2 else replace(g, block_k=max(16, g.block_k // 2))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get tf32 only where torch would use it (SPEC: Dtypes)
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
+                       config: Optional[MoeConfig] = None, atomic: Optional[bool] = None) -> torch.Tensor:
+    """y [M, N] in x's dtype. `atomic` None reads FUSED_OPS_MOE_ATOMIC; `config` None uses pick_config."""
+    M, K = x.shape
+    E, H = w1.shape[0], w1.shape[1]
+    N = w2.shape[1]
+    top_k = indices.shape[1]
+    n_pairs = M * top_k
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    if atomic is None:
+        atomic = os.environ.get(ATOMIC_ENV, "0") == "1"
+    cfg = config or pick_config(n_pairs, E, x.device)
+    g1, g2 = _for_dtype(cfg.gemm1, x.dtype), _for_dtype(cfg.gemm2, x.dtype)
+    pairs, tile_bucket = launch_moe_align(indices, E, cfg.block_m)
+    n_tiles = tile_bucket.numel()
+    common = dict(DOT_F32=dot_upcast(x), PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg.block_m)
+
+    h = torch.empty((n_pairs, H), dtype=x.dtype, device=x.device)
+    b1_ = w1 if b1 is None else b1                  # placeholder pointer when there is no bias
+    moe_gemm1_kernel[(n_tiles * triton.cdiv(H, g1.block_n),)](
+        x, w1, b1_, h, pairs, tile_bucket, n_pairs, top_k, E, n_tiles, K, H,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+        0 if b1 is None else b1.stride(0), 0 if b1 is None else b1.stride(1), h.stride(0),
+        HAS_BIAS=b1 is not None, ACTIVATION=activation, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k,
+        GROUP_M=g1.group_m, num_warps=g1.num_warps, num_stages=g1.num_stages, **common)
+
+    if atomic:
+        out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    else:
+        out = y if top_k == 1 else torch.empty((n_pairs, N), dtype=x.dtype, device=x.device)
+    b2_ = w2 if b2 is None else b2
+    moe_gemm2_kernel[(n_tiles * triton.cdiv(N, g2.block_n),)](
+        h, w2, b2_, weights, out, pairs, tile_bucket, n_pairs, top_k, E, n_tiles, H, N,
+        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
+        0 if b2 is None else b2.stride(0), 0 if b2 is None else b2.stride(1),
+        weights.stride(0), weights.stride(1), out.stride(0),
+        HAS_BIAS=b2 is not None, ATOMIC=atomic, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k,
+        GROUP_M=g2.group_m, num_warps=g2.num_warps, num_stages=g2.num_stages, **common)
+
+    if atomic:
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+    if top_k > 1:
+        block_n = min(256, triton.next_power_of_2(N))
+        block_m = max(1, 2048 // block_n)
+        moe_combine_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            out, y, M, N, top_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return y
+
+
+@torch.library.custom_op("fused_ops::moe_experts", mutates_args=())
+def _moe_experts_op(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
+                    b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+                    activation: str) -> torch.Tensor:
+    if use_triton(x) and x.dtype in TL_DTYPE:
+        return launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
+    reference.check_indices_range(indices, w1.shape[0])
+    return reference._moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
+
+
+@_moe_experts_op.register_fake
+def _(x, weights, indices, w1, b1, w2, b2, activation):
+    return x.new_empty((x.shape[0], w2.shape[1]))
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
+                b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor], *,
+                activation: str = "gelu_tanh") -> torch.Tensor:
+    """Top-k MoE FFN: y [M, N] = sum_j weights[:, j] * expert_{indices[:, j]}(x), in x's dtype.
+
+    On CUDA, rows of tokens with an index outside [0, E) come out NaN (no host sync to raise).
+    """
+    reference.check_moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
+    return _moe_experts_op(x, weights, indices, w1, b1, w2, b2, activation)

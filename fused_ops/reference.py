@@ -53,11 +53,15 @@ def _layer_norm(x, ln_weight, ln_bias, eps, dtype):
     return F.layer_norm(x.to(dtype), (x.shape[-1],), _up(ln_weight, dtype), _up(ln_bias, dtype), eps)
 
 
-def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5):
-    check_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
+def _layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
     dt = compute_dtype(x)
     y = F.linear(_layer_norm(x, ln_weight, ln_bias, eps, dt), weight.to(dt), _up(bias, dt))
     return y.to(x.dtype)
+
+
+def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5):
+    check_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
+    return _layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,11 +143,16 @@ def router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating):
     return logits if gate_bias is None else logits + gate_bias.to(dt)
 
 
+def _fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps, renormalize, gating):
+    logits = router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating)
+    return _topk_gating(_softmax_laplace(logits, temperature, alpha), k, renormalize)
+
+
 def fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias=None, *, k, temperature=1.0, alpha=0.0,
                  eps=1e-5, renormalize=False, gating="softmax"):
     check_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps, gating)
-    logits = router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating)
-    return _topk_gating(_softmax_laplace(logits, temperature, alpha), k, renormalize)
+    return _fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps,
+                         renormalize, gating)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +208,8 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return F.silu(h)
 
 
-def moe_experts(x, weights, indices, w1, b1, w2, b2, *, activation="gelu_tanh"):
-    check_moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
-    check_indices_range(indices, w1.shape[0])
+def _moe_experts(x, weights, indices, w1, b1, w2, b2, activation):
+    """The computation of moe_experts without its checks (indices must lie in [0, E))."""
     dt = compute_dtype(x, weights)
     M, N = x.shape[0], w2.shape[1]
     y = torch.zeros(M, N, dtype=dt, device=x.device)
@@ -217,6 +225,12 @@ def moe_experts(x, weights, indices, w1, b1, w2, b2, *, activation="gelu_tanh"):
         o = F.linear(h, w2[e].to(dt), None if b2 is None else b2[e].to(dt))
         y.index_add_(0, rows, o * flat_w[sel, None])
     return y.to(x.dtype)
+
+
+def moe_experts(x, weights, indices, w1, b1, w2, b2, *, activation="gelu_tanh"):
+    check_moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
+    check_indices_range(indices, w1.shape[0])
+    return _moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import pow2, rows, use_triton
+from ._runtime import pow2, row_tiles, rows, use_triton
 
 LOG2E = 1.4426950408889634
-SINGLE_PASS_MAX = 32768     # widest row kept whole in registers (16 warps x 32 lanes x 64 values)
+SINGLE_PASS_MAX = 32768     # widest row kept whole in registers (32 warps x 32 lanes x 32 values)
 ONLINE_BLOCK = 4096         # chunk width of the two-pass path
+ONLINE_WARPS = 8
 
 
 @triton.jit
@@ -28,18 +29,19 @@ def _laplace(e, inv_sum, alpha_scaled, inv_norm):
 def softmax_laplace_rows_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
                                 scale, alpha_scaled, inv_norm,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BLOCK_M whole rows per program; `scale` = log2(e) / temperature."""
+    """BLOCK_M whole rows per program; `scale` = log2(e) / temperature > 0.
+
+    The rows stay in registers in their own dtype and the exponentials are recomputed for the
+    store: half the registers of an fp32 copy, so 32K-wide rows fit without spilling.
+    """
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
     mask = (row[:, None] < n_rows) & (col[None, :] < n_cols)
     row64 = row.to(tl.int64)
     x = tl.load(x_ptr + row64[:, None] * stride_x + col[None, :], mask=mask, other=float("-inf"))
-    z = x.to(tl.float32) * scale
-    m = tl.max(z, axis=1)
-    e = tl.exp2(z - m[:, None])
-    e = tl.where(mask, e, 0.0)
-    s = tl.sum(e, axis=1)
-    p = _laplace(e, 1.0 / s[:, None], alpha_scaled, inv_norm)
+    m = tl.max(x, axis=1).to(tl.float32)[:, None] * scale       # max(x * scale) as scale > 0
+    s = tl.sum(tl.exp2(x.to(tl.float32) * scale - m), axis=1)    # padding lanes: exp2(-inf) = 0
+    p = _laplace(tl.exp2(x.to(tl.float32) * scale - m), 1.0 / s[:, None], alpha_scaled, inv_norm)
     tl.store(out_ptr + row64[:, None] * stride_out + col[None, :], p, mask=mask)
 
 
@@ -83,16 +85,30 @@ def launch_softmax_laplace(logits: torch.Tensor, temperature: float, alpha: floa
     inv_norm = 1.0 / (1.0 + alpha * n_cols)
     args = (LOG2E / temperature, alpha * inv_norm, inv_norm)
     if n_cols <= SINGLE_PASS_MAX:
-        block_n = pow2(n_cols)
-        block_m = max(1, min(64, 2048 // block_n, pow2(n_rows)))   # ~2K elements per program
-        warps = max(1, min(16, block_m * block_n // 256))
+        block_m, block_n, warps = row_tiles(n_rows, n_cols)
         grid = (triton.cdiv(n_rows, block_m),)
         softmax_laplace_rows_kernel[grid](x, out, n_rows, n_cols, x.stride(0), out.stride(0), *args,
                                           BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     else:
         softmax_laplace_online_kernel[(n_rows,)](x, out, n_cols, x.stride(0), out.stride(0), *args,
-                                                 BLOCK_N=ONLINE_BLOCK, num_warps=8)
+                                                 BLOCK_N=ONLINE_BLOCK, num_warps=ONLINE_WARPS)
     return out.reshape(logits.shape)
+
+
+def offline_builds():
+    from .offline import KernelBuild
+    scalars = {"n_rows": "i32", "n_cols": "i32", "stride_x": "i32", "stride_out": "i32",
+               "scale": "fp32", "alpha_scaled": "fp32", "inv_norm": "fp32"}
+    builds = []
+    for dt in ("bf16", "fp32"):
+        types = {"x_ptr": f"*{dt}", "out_ptr": "*fp32", **scalars}
+        for n_cols in (8, 64, 1024, 4096, SINGLE_PASS_MAX):
+            block_m, block_n, warps = row_tiles(1 << 20, n_cols)
+            builds.append(KernelBuild(f"softmax_rows_{dt}_N{block_n}", softmax_laplace_rows_kernel, types,
+                                      {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps))
+        builds.append(KernelBuild(f"softmax_online_{dt}", softmax_laplace_online_kernel, types,
+                                  {"BLOCK_N": ONLINE_BLOCK}, num_warps=ONLINE_WARPS))
+    return builds
 
 
 @torch.library.custom_op("fused_ops::softmax_laplace", mutates_args=())

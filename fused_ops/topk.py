@@ -11,11 +11,11 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import pow2, rows, use_triton
+from ._runtime import pow2, row_tiles, rows, use_triton
 
-TAKEN = -2147483648           # int32 min: a column already picked, or padding
-NAN_KEY = -2147483647         # just above TAKEN: NaN ranks below every number, -inf included
-MAX_SINGLE_BLOCK = 16384      # widest row handled by one program; wider rows use the reference path
+TAKEN = tl.constexpr(-2147483648)     # int32 min: a column already picked, or padding
+NAN_KEY = tl.constexpr(-2147483647)   # just above TAKEN: NaN ranks below every number, -inf included
+MAX_SINGLE_BLOCK = 8192       # widest row handled by one program (no spills); wider rows use the reference path
 
 
 @triton.jit
@@ -77,14 +77,25 @@ def launch_topk_gating(probs: torch.Tensor, k: int, renormalize: bool):
     weights = torch.empty((n_rows, k), dtype=torch.float32, device=p.device)
     indices = torch.empty((n_rows, k), dtype=torch.int32, device=p.device)
     if n_rows > 0:
-        block_e = pow2(n_cols)
-        block_m = max(1, min(64, 2048 // block_e, pow2(n_rows)))
-        warps = max(1, min(16, block_m * block_e // 256))
+        block_m, block_e, warps = row_tiles(n_rows, n_cols)
         topk_gating_kernel[(triton.cdiv(n_rows, block_m),)](
             p, weights, indices, n_rows, n_cols, p.stride(0), k, RENORMALIZE=renormalize,
             BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=pow2(k), num_warps=warps)
     out_shape = (*probs.shape[:-1], k)
     return weights.reshape(out_shape), indices.reshape(out_shape)
+
+
+def offline_builds():
+    from .offline import KernelBuild
+    types = {"p_ptr": "*fp32", "w_ptr": "*fp32", "i_ptr": "*i32", "n_rows": "i32", "n_cols": "i32",
+             "stride_p": "i32", "k": "i32"}
+    builds = []
+    for n_cols, k in ((8, 4), (64, 8), (512, 16), (MAX_SINGLE_BLOCK, 8)):
+        block_m, block_e, warps = row_tiles(1 << 20, n_cols)
+        builds.append(KernelBuild(f"topk_E{n_cols}_k{k}", topk_gating_kernel, types,
+                                  {"RENORMALIZE": True, "BLOCK_M": block_m, "BLOCK_E": block_e,
+                                   "BLOCK_K": pow2(k)}, num_warps=warps))
+    return builds
 
 
 @torch.library.custom_op("fused_ops::topk_gating", mutates_args=())

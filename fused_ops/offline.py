@@ -1,0 +1,135 @@
+"""Offline compilation of shipped kernel configs for GPUs we cannot run on.
+
+`triton.compile` with an explicit GPUTarget builds a cubin for any compute capability on any
+machine (no GPU needed). From it we read shared memory (Triton's metadata) and registers, stack
+and local memory (cuobjdump's resource usage), and which matrix instructions the PTX uses.
+Each op module lists the builds its launcher can choose in `offline_builds()`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+SHARED_LIMIT = {90: 232448, 100: 232448, 120: 101376}    # bytes of shared memory per block
+TARGETS = tuple(SHARED_LIMIT)
+# the tensor-core instruction each target's dots should lower to
+DOT_INSTRUCTION = {90: "wgmma", 100: "tcgen05.mma", 120: "mma.sync"}
+OP_MODULES = ("softmax", "topk", "layernorm_linear", "router", "moe", "maxsim")
+
+
+@dataclass
+class KernelBuild:
+    """One kernel at one config, exactly as a launcher would launch it."""
+    name: str
+    kernel: object                       # a triton JITFunction
+    types: dict                          # runtime arg name -> Triton type string ("*bf16", "i32", "fp32")
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    uses_dot: bool = False
+    targets: tuple = TARGETS             # where this build ships (a config may be for one family only)
+
+
+@dataclass
+class BuildReport:
+    name: str
+    cc: int
+    shared: int
+    registers: int
+    stack: int
+    local: int
+    dot_instruction: str                 # the DOT_INSTRUCTION found in the PTX, or "" if none
+    notes: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.shared <= SHARED_LIMIT[self.cc] and self.stack == 0 and self.local == 0
+
+
+def _cuobjdump() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {k: int(v) for k, v in found.items()}
+
+
+def compile_build(build: KernelBuild, cc: int) -> BuildReport:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in build.kernel.arg_names:
+        signature[name] = "constexpr" if name in build.constexprs else build.types[name]
+    # pointers are 16-byte aligned, as torch allocations are
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(build.kernel.arg_names)
+             if signature[n].startswith("*")}
+    src = ASTSource(build.kernel, signature, constexprs=dict(build.constexprs), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                              options={"num_warps": build.num_warps, "num_stages": build.num_stages})
+    usage = _resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    instruction = DOT_INSTRUCTION[cc] if DOT_INSTRUCTION[cc] in ptx else ""
+    return BuildReport(build.name, cc, shared=compiled.metadata.shared, registers=usage.get("REG", 0),
+                       stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0), dot_instruction=instruction)
+
+
+def all_builds() -> list[KernelBuild]:
+    import importlib
+    builds = []
+    for name in OP_MODULES:
+        module = importlib.import_module(f"fused_ops.{name}")
+        if hasattr(module, "offline_builds"):
+            builds += module.offline_builds()
+    return builds
+
+
+def dtype_name(dtype) -> str:
+    import torch
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def report_all(targets=TARGETS) -> list[BuildReport]:
+    """Compile every build for every target it ships on; a compile failure becomes a report note."""
+    reports = []
+    for build in all_builds():
+        for cc in targets:
+            if cc not in build.targets:
+                continue
+            try:
+                reports.append(compile_build(build, cc))
+            except Exception as exc:            # any failure (not only OutOfResources) is a finding
+                reports.append(BuildReport(build.name, cc, -1, -1, -1, -1, "", [f"{type(exc).__name__}: {exc}"]))
+    return reports
+
+
+def main() -> None:
+    """python -m fused_ops.offline [--json]: the kernel x target table (needs no GPU)."""
+    import json
+    import sys
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("offline compilation needs TRITON_INTERPRET unset")
+    reports = report_all()
+    if "--json" in sys.argv:
+        json.dump([{**r.__dict__, "fits": r.fits} for r in reports], sys.stdout)
+        return
+    print(f"{'kernel config':<34} {'target':>6} {'shared B':>9} {'regs':>5} {'stack':>5} {'local':>5} "
+          f"{'dot instr.':>11}  fits")
+    for r in reports:
+        print(f"{r.name:<34} {'sm_' + str(r.cc):>6} {r.shared:>9} {r.registers:>5} {r.stack:>5} {r.local:>5} "
+              f"{r.dot_instruction or '-':>11}  {'yes' if r.fits else 'NO ' + ' '.join(r.notes)}")
+
+
+if __name__ == "__main__":
+    main()
