@@ -1,6 +1,497 @@
-"""placeholder: replaced by the Triton implementation."""
+"""layernorm_linear: y = LayerNorm(x) @ W^T + b, without writing LayerNorm(x) to memory.
+
+One algebra for every kernel. Each row's pivot c (the mean of its first BLOCK_K values) is taken
+out before anything is summed or multiplied: xs = x - c, a = xs * gamma. With d = mean(x) - c =
+sum(xs) / K, var = sum(xs^2) / K - d^2 and rstd = 1 / sqrt(var + eps):
+
+    LN(x) @ W^T = rstd * (a @ W^T - d * (W @ gamma)) + W @ beta
+
+LayerNorm is shift-invariant, so this holds for any c; a c near the mean is what keeps it
+accurate. For rows with a large mean and a tiny spread (x = 1000 + 0.01 * randn) the unshifted
+E[x^2] - E[x]^2 and x @ W^T cancel away every digit, and a constant row (var = 0, so rstd =
+1/sqrt(eps)) multiplies that rounding by ~300. Shifted, the sums and the dot see only the spread,
+and rounding the dot operand to bf16/tf32 costs bits of the spread, not of the mean.
+
+Kernels
+- rows: BLOCK_M rows x BLOCK_N columns per program, K streamed once, the sums W @ gamma and
+  W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for few rows.
+  When the grid cannot fill the GPU, K is split over programs and a finish kernel adds the parts.
+  The router (router.py) builds its logits from the same helpers.
+- gemm (large N and M): a tiled tl.dot GEMM in grouped program order; the row statistics come from
+  the x tiles it loads for the dot; W @ gamma and W @ beta + bias come from `weight_sums_kernel`,
+  run once per weight version and cached.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
+
 from . import reference
+from ._runtime import dot_upcast, max_shared_memory, pow2, rows, sm_count, use_triton
+
+ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
+ROWS_MAX_M = 16          # up to this many rows, large N also takes the rows kernel (W read once)
+ROWS_WIDE_BLOCK_N = 128  # column block of the rows kernel when N > ROWS_MAX_N
+TILE_BUDGET = 8192       # fp32 values in the widest per-step tile of the rows kernel (registers)
+ROWS_STAGES = 3          # K steps of the rows kernel's loads in flight (latency hiding at small M)
+
+# gemm configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), by the first M bucket
+# that holds M; stages drop (and then BLOCK_N halves) until the tiles fit the device's shared memory
+GEMM_CONFIGS = {
+    "16bit": ((64, (64, 128, 64, 8, 4, 4)), (512, (128, 128, 64, 8, 4, 4)), (None, (128, 256, 64, 8, 8, 3))),
+    "fp32": ((None, (64, 64, 32, 8, 4, 3)),),
+}
 
 
-def layernorm_linear(x, ln_weight, ln_bias, weight, bias=None, *, eps=1e-5):
-    return reference.layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps=eps)
+# ---------------------------------------------------------------------------------------------
+# kernel helpers (also used by router.py)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def row_pivot(x_rows, K, BLOCK_K: tl.constexpr):
+    """Mean of each row's first min(K, BLOCK_K) values: the shift taken out before any sum."""
+    col = tl.arange(0, BLOCK_K)
+    x = tl.load(x_rows[:, None] + col[None, :], mask=col[None, :] < K, other=0.0).to(tl.float32)
+    return tl.sum(x, axis=1) / tl.minimum(K, BLOCK_K)
+
+
+@triton.jit
+def row_starts(base_ptr, idx, n, stride):
+    """Pointers to rows `idx` of a [n, stride] matrix; indices past n wrap around, so loads need no
+    row mask (the wrapped rows' results are never stored)."""
+    return base_ptr + (idx % n).to(tl.int64) * stride
+
+
+@triton.jit
+def load_k(ptrs, k_ok, EVEN_K: tl.constexpr):
+    """A tile or vector along K, zero past k_stop unless every step is whole (EVEN_K)."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=k_ok, other=0.0)
+
+
+@triton.jit
+def load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, EVEN_K: tl.constexpr):
+    """(gamma, beta) for columns kk as fp32, 1 and 0 where absent, 0 past K."""
+    if HAS_GAMMA:
+        g = load_k(g_ptr + kk, k_ok, EVEN_K).to(tl.float32)
+    else:
+        g = tl.where(k_ok, 1.0, 0.0)
+    if HAS_BETA:
+        b = load_k(b_ptr + kk, k_ok, EVEN_K).to(tl.float32)
+    else:
+        b = tl.zeros(kk.shape, tl.float32)
+    return g, b
+
+
+@triton.jit
+def ln_dot_sums(x_rows, pivot, w_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAMMA: tl.constexpr,
+                HAS_BETA: tl.constexpr, COL_SUMS: tl.constexpr, DISTANCE: tl.constexpr, EVEN_K: tl.constexpr,
+                USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One pass over columns k_start:k_stop of the x rows at `x_rows` and the W rows at `w_rows`
+    (pointer vectors from row_starts), all sums in fp32. k_stop - k_start is whole BLOCK_K steps
+    except at K, so only K masks (EVEN_K: K is whole steps too, no masks). STAGES steps of loads
+    are in flight at once (software pipelining through shared memory).
+
+    Returns (acc, s1, s2, c1, c2, aa, ag, vv, gg), with V = W, or V = W - beta for DISTANCE:
+      acc [BM, BN] = a @ V^T (tl.dot, or a broadcast product for tiles under 16 rows)
+      s1, s2 [BM]  = sum(xs), sum(xs^2)
+      c1, c2 [BN]  = V @ gamma, V @ beta                           (COL_SUMS, else 0)
+      aa, ag [BM]  = sum(a^2), a . gamma;  vv [BN] = ||v||^2;  gg = gamma . gamma   (DISTANCE, else 0)
+    Unused results cost nothing: the compiler drops them.
+    """
+    acc = tl.zeros([x_rows.shape[0], w_rows.shape[0]], tl.float32)
+    s1 = tl.zeros(x_rows.shape, tl.float32)
+    s2 = tl.zeros(x_rows.shape, tl.float32)
+    aa = tl.zeros(x_rows.shape, tl.float32)
+    ag = tl.zeros(x_rows.shape, tl.float32)
+    c1 = tl.zeros(w_rows.shape, tl.float32)
+    c2 = tl.zeros(w_rows.shape, tl.float32)
+    vv = tl.zeros(w_rows.shape, tl.float32)
+    gg = tl.zeros([BLOCK_K], tl.float32)           # per lane, reduced once after the loop
+    lane = tl.arange(0, BLOCK_K)
+    for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
+        kk = k0 + lane
+        k_ok = kk < K
+        x = load_k(x_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K)
+        w = load_k(w_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K)
+        g, b = load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA, HAS_BETA, EVEN_K)
+        xs = x.to(tl.float32) - pivot[:, None]
+        if not EVEN_K:
+            xs = tl.where(k_ok[None, :], xs, 0.0)
+        a = xs * g[None, :]
+        s1 += tl.sum(xs, axis=1)
+        s2 += tl.sum(xs * xs, axis=1)
+        v = w.to(tl.float32)
+        if DISTANCE:
+            v = v - b[None, :]
+            aa += tl.sum(a * a, axis=1)
+            ag += tl.sum(a * g[None, :], axis=1)
+            vv += tl.sum(v * v, axis=1)
+            gg += g * g
+        if COL_SUMS:
+            c1 += tl.sum(v * g[None, :], axis=1)
+            c2 += tl.sum(v * b[None, :], axis=1)
+        if USE_DOT:
+            if DOT_UPCAST:                         # the interpreter's bf16 dot is wrong: fp32 there
+                acc = tl.dot(a, tl.trans(v), acc, input_precision="ieee")
+            elif DISTANCE:
+                acc = tl.dot(a.to(w.dtype), tl.trans(v.to(w.dtype)), acc, input_precision=PRECISION)
+            else:                                  # W straight from its load: no register round trip
+                acc = tl.dot(a.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+        else:
+            acc += tl.sum(a[:, None, :] * v[None, :, :], axis=2)
+    return acc, s1, s2, c1, c2, aa, ag, vv, tl.sum(gg, axis=0)
+
+
+@triton.jit
+def ln_stats(s1, s2, K, eps):
+    """(d = mean - pivot, rstd) from the shifted sums; var is clamped at 0, NaN stays NaN."""
+    d = s1 / K
+    var = s2 / K - d * d
+    var = tl.where(var < 0.0, 0.0, var)
+    return d, 1.0 / tl.sqrt_rn(var + eps)
+
+
+@triton.jit
+def ln_project(acc, d, rstd, c1, c2):
+    """LN(x) @ W^T from acc = a @ W^T, the row stats, c1 = W @ gamma and c2 = W @ beta (+ bias)."""
+    return rstd[:, None] * (acc - d[:, None] * c1[None, :]) + c2[None, :]
+
+
+@triton.jit
+def store_tile(ptr, stride, row, col, M, N, tile):
+    """tile [BM, BN] -> ptr[row, col] (row stride `stride`, unit column stride), inside [M, N] only."""
+    tl.store(ptr + row.to(tl.int64)[:, None] * stride + col[None, :], tile.to(ptr.dtype.element_ty),
+             mask=(row < M)[:, None] & (col < N)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def layernorm_linear_rows_kernel(x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, acc_part_ptr, stat_part_ptr,
+                                 col_part_ptr, M, N, K, k_chunk, stride_x, stride_w, stride_y, eps,
+                                 HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 SPLIT: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
+                                 DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (i, j, s): rows block i, columns block j, K slice s (k_chunk columns).
+
+    SPLIT: the slice's partial sums go to acc_part [S, M, N], stat_part [S, 2, M] (s1, s2) and, from
+    row block 0, col_part [S, 2, N] (c1, c2), for the finish kernel; else the program writes y.
+    """
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = row_starts(x_ptr, row, M, stride_x)
+    k_start = tl.program_id(2) * k_chunk
+    acc, s1, s2, c1, c2, _, _, _, _ = ln_dot_sums(
+        x_rows, row_pivot(x_rows, K, BLOCK_K), row_starts(w_ptr, col, N, stride_w), g_ptr, b_ptr, k_start,
+        tl.minimum(k_start + k_chunk, K), K, HAS_GAMMA, HAS_BETA, True, False, EVEN_K, USE_DOT, DOT_UPCAST,
+        PRECISION, STAGES, BLOCK_K)
+    if SPLIT:
+        split = tl.program_id(2).to(tl.int64)
+        store_tile(acc_part_ptr + split * M * N, N, row, col, M, N, acc)
+        stats = stat_part_ptr + split * 2 * M + row
+        tl.store(stats, s1, mask=row < M)
+        tl.store(stats + M, s2, mask=row < M)
+        if tl.program_id(0) == 0:                  # the column sums are the same for every row block
+            cols = col_part_ptr + split * 2 * N + col
+            tl.store(cols, c1, mask=col < N)
+            tl.store(cols + N, c2, mask=col < N)
+    else:
+        if HAS_BIAS:
+            c2 += tl.load(bias_ptr + col, mask=col < N, other=0.0).to(tl.float32)
+        d, rstd = ln_stats(s1, s2, K, eps)
+        store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
+
+
+@triton.jit
+def layernorm_linear_finish_kernel(acc_part_ptr, stat_part_ptr, col_part_ptr, bias_ptr, y_ptr, M, N, K,
+                                   n_split, stride_y, eps, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_N: tl.constexpr):
+    """Adds up the rows kernel's K slices and writes y."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = row < M
+    col_ok = col < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    s1 = tl.zeros([BLOCK_M], tl.float32)
+    s2 = tl.zeros([BLOCK_M], tl.float32)
+    c1 = tl.zeros([BLOCK_N], tl.float32)
+    c2 = tl.zeros([BLOCK_N], tl.float32)
+    accs = acc_part_ptr + row.to(tl.int64)[:, None] * N + col[None, :]
+    stats = stat_part_ptr + row
+    cols = col_part_ptr + col
+    for _ in range(n_split):                       # the partials are small: M * N stays in int32
+        acc += tl.load(accs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        s1 += tl.load(stats, mask=row_ok, other=0.0)
+        s2 += tl.load(stats + M, mask=row_ok, other=0.0)
+        c1 += tl.load(cols, mask=col_ok, other=0.0)
+        c2 += tl.load(cols + N, mask=col_ok, other=0.0)
+        accs += M * N
+        stats += 2 * M
+        cols += 2 * N
+    if HAS_BIAS:
+        c2 += tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    d, rstd = ln_stats(s1, s2, K, eps)
+    store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
+
+
+@triton.jit
+def weight_sums_kernel(w_ptr, g_ptr, b_ptr, bias_ptr, sums_ptr, N, K, stride_w, HAS_GAMMA: tl.constexpr,
+                       HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """sums[0] = W @ gamma, sums[1] = W @ beta + bias, in fp32: the gemm epilogue's column terms."""
+    col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = col < N
+    w_rows = row_starts(w_ptr, col, N, stride_w)
+    c1 = tl.zeros([BLOCK_N], tl.float32)
+    c2 = tl.zeros([BLOCK_N], tl.float32)
+    lane = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + lane
+        k_ok = kk < K
+        w = tl.load(w_rows[:, None] + kk[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+        g, b = load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA, HAS_BETA, False)
+        c1 += tl.sum(w * g[None, :], axis=1)
+        c2 += tl.sum(w * b[None, :], axis=1)
+    if HAS_BIAS:
+        c2 += tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(sums_ptr + col, c1, mask=col_ok)
+    tl.store(sums_ptr + N + col, c2, mask=col_ok)
+
+
+@triton.jit
+def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
+                                 eps, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                                 PRECISION: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of y; sums = (W @ gamma, W @ beta + bias) from weight_sums_kernel."""
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row blocks sweep the column blocks together, so W tiles stay in L2
+    in_group = GROUP_M * blocks_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(blocks_m - first_m, GROUP_M)
+    row = (first_m + (pid % in_group) % group_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = ((pid % in_group) // group_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = row_starts(x_ptr, row, M, stride_x)
+    acc, s1, s2, _, _, _, _, _, _ = ln_dot_sums(
+        x_rows, row_pivot(x_rows, K, BLOCK_K), row_starts(w_ptr, col, N, stride_w), g_ptr, g_ptr, 0, K, K,
+        HAS_GAMMA, False, False, False, EVEN_K, True, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
+    d, rstd = ln_stats(s1, s2, K, eps)
+    c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
+    c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
+    store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def _prev_pow2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """fp32 dots use tf32 only where torch would (SPEC: allow_tf32); other dtypes ignore this."""
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
+
+
+def rows_config(M: int, N: int, K: int, n_sm: int) -> dict:
+    """Block sizes of the rows kernel (and the router), aiming at ~2 programs per SM.
+
+    N <= ROWS_MAX_N: one column block, so x is read once; rows per program grow with M (the
+    weight tile is re-read from L2 once per row block). Wider N: all rows (<= 16) in one block,
+    so W is read once, and the columns split over programs. Blocks of 16+ rows use tl.dot.
+    """
+    programs = 2 * n_sm
+    if N <= ROWS_MAX_N:
+        block_n = pow2(N)
+        block_m = min(32, pow2(M), _prev_pow2(M // programs))
+    else:
+        block_m = min(ROWS_MAX_M, pow2(M))
+        block_n = max(16, min(ROWS_WIDE_BLOCK_N, _prev_pow2(N * triton.cdiv(M, block_m) // programs)))
+    use_dot = block_m >= 16
+    if use_dot:
+        block_n = max(16, block_n)
+        block_k = min(256, TILE_BUDGET // block_n)
+    else:
+        block_k = min(1024, TILE_BUDGET // (block_m * block_n))
+    block_k = max(16, min(block_k, pow2(K)))
+    widest = (max(block_m, block_n) if use_dot else block_m * block_n) * block_k   # fp32 values per step
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, STAGES=ROWS_STAGES,
+                num_warps=max(1, min(8, widest // 1024)))
+
+
+def gemm_config(M: int, dtype: torch.dtype, shared_limit: int) -> dict:
+    """The M bucket's config, with stages (then BLOCK_N) cut until the tiles fit shared memory."""
+    buckets = GEMM_CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
+    block_m, block_n, block_k, group_m, warps, stages = next(c for top, c in buckets if top is None or M <= top)
+    size = 4 if dtype == torch.float32 else 2
+    # the pipeline's tiles plus ~a stage of headroom for the epilogue's layout conversion
+    while (stages + 1) * (block_m + block_n) * block_k * size > shared_limit and block_n > 16:
+        if stages > 2:
+            stages -= 1
+        else:
+            block_n //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, STAGES=stages,
+                num_warps=warps)
+
+
+def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(slices, k_chunk): split K until ~2 programs per SM, each slice whole BLOCK_K steps."""
+    slices = min(triton.cdiv(2 * sm_count(device), blocks), triton.cdiv(K, block_k))
+    k_chunk = triton.cdiv(triton.cdiv(K, max(1, slices)), block_k) * block_k
+    return triton.cdiv(K, k_chunk), k_chunk
+
+
+def _launch_rows(x, g, b, w, bias, y, eps):
+    M, K = x.shape
+    N = w.shape[0]
+    cfg = rows_config(M, N, K, sm_count(x.device))
+    blocks = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    slices, k_chunk = _k_split(blocks[0] * blocks[1], K, cfg["BLOCK_K"], x.device)
+    split = slices > 1
+    f32 = dict(dtype=torch.float32, device=x.device)
+    acc_part = torch.empty((slices, M, N), **f32) if split else y
+    stat_part = torch.empty((slices, 2, M), **f32) if split else y
+    col_part = torch.empty((slices, 2, N), **f32) if split else y
+    layernorm_linear_rows_kernel[(*blocks, slices)](
+        x, g if g is not None else x, b if b is not None else x, w, bias if bias is not None else x, y,
+        acc_part, stat_part, col_part, M, N, K, k_chunk, x.stride(0), w.stride(0), y.stride(0), eps,
+        HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None, SPLIT=split,
+        EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x), **cfg)
+    if split:
+        finish_m, finish_n = min(16, pow2(M)), min(128, pow2(N))
+        layernorm_linear_finish_kernel[(triton.cdiv(M, finish_m), triton.cdiv(N, finish_n))](
+            acc_part, stat_part, col_part, bias if bias is not None else y, y, M, N, K, slices, y.stride(0), eps,
+            HAS_BIAS=bias is not None, BLOCK_M=finish_m, BLOCK_N=finish_n, num_warps=4)
+
+
+def _version_stamp(tensors) -> Optional[tuple]:
+    """Who and which version each tensor is; None where one keeps no version (inference tensors)."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return None
+    return tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
+
+
+def _same_stamp(stamp, tensors) -> bool:
+    return all((s is None and t is None) or (s is not None and t is not None and s[0]() is t and s[1] == t._version)
+               for s, t in zip(stamp, tensors))
+
+
+# weight -> (stamp of (weight, ln_weight, ln_bias, bias), [2, N] fp32 sums); entries die with the weight
+_WEIGHT_SUMS = WeakTensorKeyDictionary()
+
+
+def weight_sums(weight, ln_weight, ln_bias, bias) -> torch.Tensor:
+    """[2, N] fp32 (W @ gamma, W @ beta + bias), cached until any of the four tensors changes."""
+    key = (weight, ln_weight, ln_bias, bias)
+    cached = _WEIGHT_SUMS.get(weight)
+    if cached is not None and _same_stamp(cached[0], key):
+        return cached[1]
+    w = rows(weight)
+    N, K = w.shape
+    sums = torch.empty((2, N), dtype=torch.float32, device=w.device)
+    block_n, block_k = 16, min(512, pow2(K, 16))
+    g, b, bias = _vector(ln_weight), _vector(ln_bias), _vector(bias)
+    weight_sums_kernel[(triton.cdiv(N, block_n),)](
+        w, g if g is not None else w, b if b is not None else w, bias if bias is not None else w, sums, N, K,
+        w.stride(0), HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    stamp = _version_stamp(key)
+    if stamp is not None:
+        _WEIGHT_SUMS[weight] = (stamp, sums)
+    return sums
+
+
+def _launch_gemm(x, g, w, sums, y, eps):
+    M, K = x.shape
+    N = w.shape[0]
+    cfg = gemm_config(M, x.dtype, max_shared_memory(x.device))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    layernorm_linear_gemm_kernel[grid](
+        x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
+        HAS_GAMMA=g is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_UPCAST=dot_upcast(x),
+        PRECISION=dot_precision(x), **cfg)
+
+
+def _vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
+    x2 = rows(x)
+    M, K = x2.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M > 0 and N > 0:
+        w = rows(weight)
+        if N <= ROWS_MAX_N or M <= ROWS_MAX_M:
+            _launch_rows(x2, _vector(ln_weight), _vector(ln_bias), w, _vector(bias), y, eps)
+        else:
+            _launch_gemm(x2, _vector(ln_weight), w, weight_sums(weight, ln_weight, ln_bias, bias), y, eps)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def offline_builds():
+    from .offline import SHARED_LIMIT, KernelBuild
+    builds = []
+    for dt in ("bf16", "fp32"):
+        types = {**{n: "i32" for n in ("M", "N", "K", "k_chunk", "stride_x", "stride_w", "stride_y", "n_split")},
+                 "eps": "fp32", **{n: f"*{dt}" for n in ("x_ptr", "g_ptr", "b_ptr", "w_ptr", "bias_ptr", "y_ptr")},
+                 **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr")}}
+        flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, EVEN_K=False, DOT_UPCAST=False, PRECISION="ieee")
+        for M, N in ((32, 8), (8192, 8), (8192, 512), (8, 4096)):
+            cfg = rows_config(M, N, 8320, n_sm=132)
+            warps = cfg.pop("num_warps")
+            for split in (False, True):
+                builds.append(KernelBuild(f"ln_linear_rows_{dt}_M{M}_N{N}{'_split' if split else ''}",
+                                          layernorm_linear_rows_kernel, types, {**flags, **cfg, "SPLIT": split},
+                                          num_warps=warps))
+        builds.append(KernelBuild(f"ln_linear_finish_{dt}", layernorm_linear_finish_kernel, types,
+                                  dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128)))
+        builds.append(KernelBuild(f"ln_linear_weight_sums_{dt}", weight_sums_kernel, types,
+                                  dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, BLOCK_N=16, BLOCK_K=512)))
+        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+        for cc, limit in SHARED_LIMIT.items():
+            for M in (64, 512, 8192):
+                cfg = gemm_config(M, dtype, limit)
+                warps = cfg.pop("num_warps")
+                builds.append(KernelBuild(f"ln_linear_gemm_{dt}_M{M}_sm{cc}", layernorm_linear_gemm_kernel, types,
+                                          dict(HAS_GAMMA=True, EVEN_K=True, DOT_UPCAST=False, PRECISION="ieee",
+                                               **cfg), num_warps=warps, uses_dot=dt == "bf16", targets=(cc,)))
+    return builds
+
+
+# ---------------------------------------------------------------------------------------------
+# op
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fused_ops::layernorm_linear", mutates_args=())
+def _layernorm_linear_op(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                         weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    # float64 (oracle precision) keeps the reference: the kernels compute in fp32
+    if use_triton(x) and x.dtype != torch.float64:
+        return launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
+    return reference._layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
+
+
+@_layernorm_linear_op.register_fake
+def _(x, ln_weight, ln_bias, weight, bias, eps):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def layernorm_linear(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                     weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, eps: float = 1e-5) -> torch.Tensor:
+    """F.linear(F.layer_norm(x, (K,), ln_weight, ln_bias, eps), weight, bias) with fp32 statistics and
+    accumulation; LayerNorm(x) is never written to memory. y [..., N] in x's dtype."""
+    reference.check_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
+    return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps))

@@ -9,10 +9,11 @@ How the work is laid out
   splits itself, so each score is finished in one program (no partial buffers, deterministic).
 - Documents: a program takes a group of GROUP consecutive documents. A document is a start row and
   a real length (padded: n * D.stride(0) and d_lengths[n]; packed: doc_offsets[n] and
-  offsets[n + 1] - offsets[n]), so both layouts share the kernel. Real tokens stream through in
-  BLOCK_D chunks (unmasked), then a masked tail in TAIL_D chunks; S = Q_rows @ chunk^T stays on
-  chip (fp32 accumulation, bf16/fp16 operands as they are), pad columns become -inf before the
-  running row max. Rows of absent query tokens add 0 to the per-query sums, never -inf * 0.
+  offsets[n + 1] - offsets[n]), so both layouts share the kernel. Only real tokens are read, in
+  BLOCK_D chunks; the chunks of a program's documents form one flat loop, so the load pipeline
+  runs across document boundaries. S = Q_rows @ chunk^T stays on chip (fp32 accumulation, bf16/fp16
+  operands as they are); columns past the length become -inf before the running row max, and
+  rows of absent query tokens add 0 to the per-query sums (never -inf * 0).
 - Grid: document groups x query groups, query groups fastest, so the programs that read one
   document group run side by side and D comes from HBM about once per call (repeats hit L2).
 - maxsim_topk: GROUP grows to hundreds of documents; a program keeps its group's scores in
@@ -37,53 +38,29 @@ from ._runtime import TL_DTYPE, dot_upcast, pow2, use_triton
 from .topk import topk_tile
 
 MAX_TILE_ELEMS = 256 * 128        # BLOCK_Q * BLOCK_K of the query tile (64 KB in bf16)
-MAX_SCORE_TILE = 8192             # QPB_PAD * GROUP: the register tile of one program's scores
+MAX_SCORE_TILE = 4096             # QPB_PAD * GROUP: the register tile of one program's scores
 MAX_TOPK_GROUP = 1024             # documents per program on the top-k path
+SMEM_SLACK = 4096                 # shared memory Triton needs besides the tiles (reduction scratch)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernel
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _doc_span(d_ptr, span_ptr, n, n_tokens, stride_dn, stride_dt, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr):
-    """(pointer to the first token, real length) of document n, clamped to the tensor."""
+def _doc_span(span_ptr, n, live, n_tokens, stride_dn, stride_dt, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr):
+    """(offset of the first element, real length) of document(s) n, clamped to the tensor; 0 where not live."""
     if PACKED:
-        start = tl.minimum(tl.maximum(tl.load(span_ptr + n).to(tl.int64), 0), n_tokens)
-        end = tl.minimum(tl.maximum(tl.load(span_ptr + n + 1).to(tl.int64), start), n_tokens)
-        first = d_ptr + start * stride_dt
+        start = tl.minimum(tl.maximum(tl.load(span_ptr + n, mask=live, other=0).to(tl.int64), 0), n_tokens)
+        end = tl.minimum(tl.maximum(tl.load(span_ptr + n + 1, mask=live, other=0).to(tl.int64), start), n_tokens)
+        first = start * stride_dt
         length = (end - start).to(tl.int32)
     else:
-        first = d_ptr + n.to(tl.int64) * stride_dn
+        first = n.to(tl.int64) * stride_dn
         if HAS_SPAN:
-            length = tl.minimum(tl.maximum(tl.load(span_ptr + n).to(tl.int32), 0), n_tokens)
+            length = tl.minimum(tl.maximum(tl.load(span_ptr + n, mask=live, other=0).to(tl.int32), 0), n_tokens)
         else:
-            length = n_tokens + tl.zeros([], tl.int32)
+            length = tl.where(live, n_tokens, 0)
     return first, length
-
-
-@triton.jit
-def _rowmax_chunks(m, q, first, stride_dt, lo, hi, length, k_off,
-                   BLOCK: tl.constexpr, MASKED: tl.constexpr, DIM: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Running row max of Q_rows @ D[t]^T over tokens lo..hi in BLOCK chunks; MASKED for the tail."""
-    t = tl.arange(0, BLOCK)
-    for c in range(lo, hi, BLOCK):
-        tok = c + t
-        ptrs = first + tok.to(tl.int64)[:, None] * stride_dt + k_off[None, :]
-        if MASKED:
-            chunk = tl.load(ptrs, mask=(tok[:, None] < length) & (k_off[None, :] < DIM), other=0.0)
-        elif DIM == BLOCK_K:
-            chunk = tl.load(ptrs)
-        else:
-            chunk = tl.load(ptrs, mask=k_off[None, :] < DIM, other=0.0)
-        if UPCAST:
-            s = tl.dot(q.to(tl.float32), tl.trans(chunk.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(chunk), input_precision=PRECISION)
-        if MASKED:
-            s = tl.where(tok[None, :] < length, s, float("-inf"))
-        m = tl.maximum(m, tl.max(s, axis=1))
-    return m
 
 
 @triton.jit
@@ -92,17 +69,21 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
                   stride_qn, stride_ql, stride_dn, stride_dt, stride_on,
                   DIM: tl.constexpr, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr, HAS_Q_LEN: tl.constexpr,
                   MEAN: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-                  TAIL_D: tl.constexpr, BLOCK_K: tl.constexpr, QPB_PAD: tl.constexpr, GROUP: tl.constexpr,
-                  K_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_K: tl.constexpr, QPB_PAD: tl.constexpr, GROUP: tl.constexpr, K_PAD: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One program: GROUP documents x one query group (qpb queries, all their splits).
 
     n_tokens: the padded length Ld, or the row count T of the packed layout.
-    TOPK: write the group's top k per query to (out, idx) [Nq, groups, k] instead of all scores.
+    The chunks of all GROUP documents form one flat loop; the (document, offset) of the next chunk
+    does not depend on the dot, so the loads of later chunks are in flight while this one is scored.
+    An empty document takes one fully masked chunk, which leaves its row maxima at -inf.
+    TOPK: write the group's top k per query to (out, idx) [Nq, groups * k] instead of all scores.
     """
     n_qgroups = tl.cdiv(n_queries, qpb)
     qg = tl.program_id(0) % n_qgroups
     dg = tl.program_id(0) // n_qgroups
     k_off = tl.arange(0, BLOCK_K)
+    t_off = tl.arange(0, BLOCK_D)
 
     # the queries of this group: one lane each
     jq = tl.arange(0, QPB_PAD)
@@ -126,31 +107,49 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
     row_ptr = q_ptr + query_r.to(tl.int64) * stride_qn
     owner = j[:, None] == jq[None, :]                       # [BLOCK_Q, QPB_PAD]: row r belongs to query j
 
+    # the documents of this group, and their chunk count
     n0 = dg * GROUP
-    n_here = tl.minimum(n_docs - n0, GROUP)
+    n_end = tl.minimum(n_docs, n0 + GROUP)
     col = tl.arange(0, GROUP)
+    live_doc = n0 + col < n_end
+    _, len_all = _doc_span(span_ptr, n0 + col, live_doc, n_tokens, stride_dn, stride_dt, PACKED, HAS_SPAN)
+    n_chunks = tl.sum(tl.where(live_doc, tl.maximum(tl.cdiv(len_all, BLOCK_D), 1), 0), axis=0)
+
     acc = tl.zeros([QPB_PAD, GROUP], tl.float32)
     for split in range(0, n_splits):
         tok_q = split * lq_tile + (r - j * lq_tile)
         row_ok = tok_q < len_r
         q = tl.load(row_ptr[:, None] + tok_q[:, None] * stride_ql + k_off[None, :],
                     mask=row_ok[:, None] & (k_off[None, :] < DIM), other=0.0)
-        for i in range(0, n_here):
-            first, length = _doc_span(d_ptr, span_ptr, n0 + i, n_tokens, stride_dn, stride_dt, PACKED, HAS_SPAN)
-            full = length - length % BLOCK_D
-            m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-            m = _rowmax_chunks(m, q, first, stride_dt, 0, full, length, k_off,
-                               BLOCK_D, False, DIM, BLOCK_K, UPCAST, PRECISION)
-            m = _rowmax_chunks(m, q, first, stride_dt, full, length, length, k_off,
-                               TAIL_D, True, DIM, BLOCK_K, UPCAST, PRECISION)
-            per_query = tl.sum(tl.where(owner & row_ok[:, None], m[:, None], 0.0), axis=0)
-            acc = tl.where(col[None, :] == i, acc + per_query[:, None], acc)
+        n = n0
+        c0 = 0
+        first, length = _doc_span(span_ptr, n, n < n_end, n_tokens, stride_dn, stride_dt, PACKED, HAS_SPAN)
+        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        for _step in range(0, n_chunks):
+            tok = c0 + t_off
+            chunk = tl.load(d_ptr + first + tok.to(tl.int64)[:, None] * stride_dt + k_off[None, :],
+                            mask=(tok[:, None] < length) & (k_off[None, :] < DIM), other=0.0)
+            if UPCAST:
+                sim = tl.dot(q.to(tl.float32), tl.trans(chunk.to(tl.float32)), input_precision="ieee")
+            else:
+                sim = tl.dot(q, tl.trans(chunk), input_precision=PRECISION)
+            if c0 + BLOCK_D <= length:                       # a full chunk needs no mask
+                m = tl.maximum(m, tl.max(sim, axis=1))
+            else:
+                m = tl.maximum(m, tl.max(tl.where(tok[None, :] < length, sim, float("-inf")), axis=1))
+            last = c0 + BLOCK_D >= length
+            if last:                                         # add up the document's rows per query
+                per_query = tl.sum(tl.where(owner & row_ok[:, None], m[:, None], 0.0), axis=0)
+                acc = tl.where(col[None, :] == n - n0, acc + per_query[:, None], acc)
+                m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+            n += last.to(tl.int32)
+            c0 = tl.where(last, 0, c0 + BLOCK_D)
+            first, length = _doc_span(span_ptr, n, n < n_end, n_tokens, stride_dn, stride_dt, PACKED, HAS_SPAN)
     if MEAN:
         acc = acc / tl.maximum(len_q, 1).to(tl.float32)[:, None]
 
-    live_doc = col[None, :] < n_here
     if TOPK:
-        values, local = topk_tile(acc, col[None, :], live_doc, k, K_PAD)
+        values, local = topk_tile(acc, col[None, :], live_doc[None, :], k, K_PAD)
         slot = tl.arange(0, K_PAD)[None, :]
         dst = query_q.to(tl.int64)[:, None] * stride_on + dg * k + slot
         ok = live_q[:, None] & (slot < k)
@@ -158,7 +157,7 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
         tl.store(idx_ptr + dst, n0 + local.to(tl.int64), mask=ok)
     else:
         dst = query_q.to(tl.int64)[:, None] * stride_on + n0 + col[None, :]
-        tl.store(out_ptr + dst, acc, mask=live_q[:, None] & live_doc)
+        tl.store(out_ptr + dst, acc, mask=live_q[:, None] & live_doc[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +166,7 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
 @dataclass(frozen=True)
 class MaxSimConfig:
     block_q: int        # query-token rows per program (M of the dot)
-    block_d: int        # document tokens per unmasked chunk (N of the dot)
-    tail_d: int         # chunk width of the masked tail past the last full chunk
+    block_d: int        # document tokens per chunk (N of the dot)
     group: int          # documents per program
     num_warps: int
     num_stages: int
@@ -193,41 +191,56 @@ class _Rows:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(SM count, shared memory per block); the interpreter gets a few programs and no smem limit."""
     if device.type != "cuda":
-        return 4                  # the interpreter: a few programs are enough
-    return torch.cuda.get_device_properties(device).multi_processor_count
+        return 4, 1 << 30
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 101376)
 
 
 def _pow2_floor(n: int) -> int:
     return 1 << max(0, n.bit_length() - 1)
 
 
-def _pick_block_q(n_queries: int, q_tokens: int, block_k: int) -> int:
+def _pick_block_q(n_queries: int, q_tokens: int, sizes) -> int:
     """Fewest padded rows, weighted towards tall blocks (each block re-reads D from L2)."""
     def cost(bq):
         rows = _Rows.of(bq, n_queries, q_tokens)
         return rows.n_qgroups * triton.cdiv(q_tokens, rows.lq_tile) * bq * (1 + 16 / bq)
-    sizes = [bq for bq in (256, 128, 64, 32, 16) if bq * block_k <= MAX_TILE_ELEMS]
     return min(sizes, key=cost)
 
 
-def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, device: torch.device,
-                k: Optional[int] = None) -> MaxSimConfig:
-    """Block sizes from the shape; `k` asks for the top-k path's large document groups."""
+def choose_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
+                  sms: int, smem_limit: int, k: Optional[int] = None) -> MaxSimConfig:
+    """Block sizes from the shape and the device; `k` asks for the top-k path's large groups.
+
+    16-bit inputs run on tensor cores with tall query blocks (up to 256 rows), so each byte of D
+    read from L2 feeds many rows. float32 (FMA unless tf32 is allowed) keeps 32-row tiles, which
+    do not spill. A third load stage is used where the shared memory of the device allows it.
+    """
     block_k = pow2(dim, 16)
-    block_q = _pick_block_q(n_queries, q_tokens, block_k)
+    wide = dtype == torch.float32
+    sizes = [bq for bq in ((32, 16) if wide else (256, 128, 64, 32, 16)) if bq * block_k <= MAX_TILE_ELEMS]
+    block_q = _pick_block_q(n_queries, q_tokens, sizes)
     rows = _Rows.of(block_q, n_queries, q_tokens)
-    block_d = 64 if block_k <= 128 else 32
+    block_d = 32 if wide or block_k > 128 else 64
     work = n_docs * rows.n_qgroups                 # (document, query group) pairs
     cap = MAX_SCORE_TILE // rows.qpb_pad
     if k is None:           # ~8 programs per SM, at most 16 documents each
-        group = min(16, cap, _pow2_floor(work // (8 * _sm_count(device))))
+        group = min(16, cap, _pow2_floor(work // (8 * sms)))
     else:                   # ~2 programs per SM, as many documents as the score tile holds
-        group = max(16, min(MAX_TOPK_GROUP, cap, _pow2_floor(work // (2 * _sm_count(device)))))
-    smem = 2 * block_k * (block_q + 3 * block_d)
-    return MaxSimConfig(block_q=block_q, block_d=block_d, tail_d=16, group=group,
-                        num_warps=4 if block_q <= 64 else 8, num_stages=3 if smem <= 160 * 1024 else 2)
+        group = max(16, min(MAX_TOPK_GROUP, cap, _pow2_floor(work // (2 * sms))))
+    tiles = (4 if wide else 2) * block_k * (block_q + 3 * block_d)      # the query tile + 3 chunk buffers
+    # fewest warps that hold the tiles without spilling (offline_builds checks them)
+    warps = 8 if block_q >= 128 else 4 if block_q == 64 or wide else 2
+    return MaxSimConfig(block_q=block_q, block_d=block_d, group=group, num_warps=warps,
+                        num_stages=3 if tiles <= smem_limit - SMEM_SLACK else 2)
+
+
+def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
+                device: torch.device, k: Optional[int] = None) -> MaxSimConfig:
+    return choose_config(n_queries, q_tokens, n_docs, dim, dtype, *_device_limits(device), k)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -247,7 +260,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
     D = _unit_last(D)
     n_queries, q_tokens, dim = Q.shape
     n_docs = spans.shape[0] - 1 if packed else D.shape[0]
-    cfg = config or pick_config(n_queries, q_tokens, n_docs, dim, Q.device, k)
+    cfg = config or pick_config(n_queries, q_tokens, n_docs, dim, Q.dtype, Q.device, k)
     rows = _Rows.of(cfg.block_q, n_queries, q_tokens)
     n_groups = triton.cdiv(n_docs, cfg.group)
     if k is None:
@@ -272,7 +285,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
         Q.stride(0), Q.stride(1), stride_dn, stride_dt, stride_on,
         DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
         MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
-        TAIL_D=cfg.tail_d, BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=cfg.group,
+        BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=cfg.group,
         K_PAD=pow2(k or 1), UPCAST=dot_upcast(Q), PRECISION=_precision(Q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out if k is None else (out, idx)
@@ -289,7 +302,7 @@ def launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths=None, reduction="su
 def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum", config=None):
     """Per-group top-k candidates in the kernel, then the final k; all scores only when k is
     too large for a group to shrink the candidates."""
-    cfg = config or pick_config(Q.shape[0], Q.shape[1], D.shape[0], D.shape[2], Q.device, k)
+    cfg = config or pick_config(Q.shape[0], Q.shape[1], D.shape[0], D.shape[2], Q.dtype, Q.device, k)
     if 2 * k > cfg.group:
         return reference.ranked_topk(_launch(Q, D, d_lengths, False, q_lengths, reduction, None, config), k)
     # candidates are in document order within equal values (groups ascend, and topk_tile breaks
@@ -299,6 +312,47 @@ def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum",
     cand, cand_idx = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, cfg)
     values, pos = reference.ranked_topk(cand, k)
     return values, cand_idx.gather(1, pos)
+
+
+# shapes whose configs the offline compile check builds: (name, Nq, Lq, Nd, d, dtype, k, packed)
+OFFLINE_SHAPES = (
+    ("colbert", 1, 32, 100_000, 128, torch.bfloat16, None, False),
+    ("rerank16", 16, 32, 10_000, 128, torch.bfloat16, None, False),
+    ("rerank16_packed", 16, 32, 10_000, 128, torch.float16, None, True),
+    ("colpali", 1, 1024, 1000, 128, torch.bfloat16, None, False),
+    ("topk", 16, 32, 1_000_000, 128, torch.bfloat16, 100, False),
+    ("wide", 4, 32, 10_000, 256, torch.float16, None, False),
+    ("fp32", 2, 32, 10_000, 128, torch.float32, None, False),
+    ("odd", 3, 5, 1000, 7, torch.bfloat16, None, True),
+)
+
+
+def offline_builds():
+    from .offline import SHARED_LIMIT, KernelBuild, dtype_name
+    builds = []
+    for name, n_queries, q_tokens, n_docs, dim, dtype, k, packed in OFFLINE_SHAPES:
+        by_config = {}                  # config -> the targets that pick it (smem decides the stages)
+        for cc, smem in SHARED_LIMIT.items():
+            cfg = choose_config(n_queries, q_tokens, n_docs, dim, dtype, 132, smem, k)
+            by_config.setdefault(cfg, []).append(cc)
+        dt = dtype_name(dtype)
+        types = {"q_ptr": f"*{dt}", "d_ptr": f"*{dt}", "span_ptr": "*i64", "q_len_ptr": "*i32", "out_ptr": "*fp32",
+                 "idx_ptr": "*i64" if k else "*fp32"}
+        types.update({a: "i32" for a in ("n_queries", "n_docs", "q_tokens", "n_tokens", "lq_tile", "qpb", "k",
+                                          "stride_qn", "stride_ql", "stride_dn", "stride_dt", "stride_on")})
+        for cfg, targets in by_config.items():
+            rows = _Rows.of(cfg.block_q, n_queries, q_tokens)
+            constexprs = dict(DIM=dim, PACKED=packed, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=k is not None,
+                              BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad,
+                              GROUP=cfg.group, K_PAD=pow2(k or 1), UPCAST=False, PRECISION="ieee")
+            # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles use
+            # mma.sync or FMA, which the offline check does not ask of a dot
+            builds.append(KernelBuild(
+                f"maxsim_{name}_{dt}_BQ{cfg.block_q}_BD{cfg.block_d}_s{cfg.num_stages}", maxsim_kernel, types,
+                constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                uses_dot=cfg.block_q >= 64 and dtype != torch.float32, targets=tuple(targets),
+                divisible=("stride_qn", "stride_ql", "stride_dn", "stride_dt") if dim % 16 == 0 else ()))
+    return builds
 
 
 # ---------------------------------------------------------------------------------------------

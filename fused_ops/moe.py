@@ -24,7 +24,6 @@ never an out-of-bounds read). The CPU reference path raises ValueError instead.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -34,11 +33,11 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import TL_DTYPE, dot_upcast, use_triton
+from ._runtime import TL_DTYPE, dot_upcast, max_shared_memory, use_triton
 from .moe_align import launch_moe_align
 
 ATOMIC_ENV = "FUSED_OPS_MOE_ATOMIC"
-SMEM_SM90 = 232448           # opt-in shared memory per block on sm_90 / sm_100
+SHARED_SM90 = 232448         # opt-in shared memory per block on sm_90 / sm_100
 
 
 @triton.jit
@@ -66,20 +65,35 @@ def _tile_order(pid, n_tiles, n_cols, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+def _mma(a, b, acc, SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b, or with SWAP_AB acc^T + b^T @ a^T: few-token tiles put the weight rows on the
+    matrix instruction's M side (64+ rows for wgmma / tcgen05) and the tokens on its N side."""
     if DOT_F32:                                  # the interpreter's bf16 dot is wrong
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if SWAP_AB:
+        out = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    return acc
 
 
 @triton.jit
 def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
                      n_pairs, top_k, n_experts, n_tiles, K, H,
                      stride_xm, stride_xk, stride_we, stride_wh, stride_wk, stride_be, stride_bh, stride_hp,
-                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SWAP_AB: tl.constexpr,
+                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """h[p, n] = act(x[p // k] @ w1[e, n]^T + b1[e, n]) for the pairs p of one tile of expert e."""
     tile, col = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(tile_bucket_ptr + tile)
@@ -93,14 +107,16 @@ def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
         w_rows = (offs_n % H).to(tl.int64)
         a_ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
         b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wh + offs_k[:, None] * stride_wk
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc = _zeros(BLOCK_M, BLOCK_N, SWAP_AB)
         for k0 in range(0, K, BLOCK_K):
             k_ok = offs_k < K - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            acc = _mma(a, b, acc, DOT_F32, PRECISION)
+            acc = _mma(a, b, acc, SWAP_AB, DOT_F32, PRECISION)
             a_ptrs += BLOCK_K * stride_xk
             b_ptrs += BLOCK_K * stride_wk
+        if SWAP_AB:
+            acc = tl.trans(acc)
         n_ok = offs_n < H
         if HAS_BIAS:
             bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bh, mask=n_ok, other=0.0)
@@ -115,9 +131,9 @@ def moe_gemm2_kernel(h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pairs_ptr, tile_bucke
                      n_pairs, top_k, n_experts, n_tiles, H, N,
                      stride_hp, stride_we, stride_wn, stride_wh, stride_be, stride_bn, stride_rm, stride_rj,
                      stride_om,
-                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr,
+                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """weights[p] * (h[p] @ w2[e, n]^T + b2[e, n]) to out row p (ATOMIC: added to y row p // k)."""
     tile, col = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(tile_bucket_ptr + tile)
@@ -137,14 +153,16 @@ def moe_gemm2_kernel(h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pairs_ptr, tile_bucke
             src = tl.where(live, pair, 0).to(tl.int64)
             a_ptrs = h_ptr + src[:, None] * stride_hp + offs_k[None, :]
             b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wh
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc = _zeros(BLOCK_M, BLOCK_N, SWAP_AB)
             for k0 in range(0, H, BLOCK_K):
                 k_ok = offs_k < H - k0
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-                acc = _mma(a, b, acc, DOT_F32, PRECISION)
+                acc = _mma(a, b, acc, SWAP_AB, DOT_F32, PRECISION)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K * stride_wh
+            if SWAP_AB:
+                acc = tl.trans(acc)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn,
                                mask=offs_n < N, other=0.0)
@@ -172,12 +190,12 @@ def moe_combine_kernel(o_ptr, y_ptr, M, N, top_k, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 # ---------------------------------------------------------------------------------------------
-# configs: a heuristic table by expected pairs per expert (the tuner replaces it later)
+# configs: a heuristic table by mean pairs per expert (the tuner replaces it later)
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemmConfig:
     block_n: int          # output columns per program (H for the first GEMM, N for the second)
-    block_k: int          # contraction step, for 2-byte inputs (halved for float32)
+    block_k: int          # contraction step for 2-byte inputs (see _for_dtype)
     group_m: int          # tiles that sweep the column blocks together (L2 reuse)
     num_warps: int
     num_stages: int
@@ -185,26 +203,30 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class MoeConfig:
-    block_m: int          # pairs per tile (the routing alignment, shared by both GEMMs)
+    block_m: int          # pairs per tile: the routing alignment, shared by both GEMMs
     gemm1: GemmConfig
     gemm2: GemmConfig
 
+    @property
+    def swap_ab(self) -> bool:
+        """Tiles of fewer than 64 pairs run transposed (weight rows on the instruction's M side)."""
+        return self.block_m < 64
 
-# (largest mean pairs per expert, config). Small rows: one tile per expert and narrow column
-# blocks, so ~8 experts x H / 64 programs stream w1 over every SM (weight-bandwidth bound).
-# Large rows: 128-row tiles, wgmma-sized blocks (compute bound). Shared memory per stage is
-# (block_m + block_n) * block_k * 2 bytes.
-CONFIGS_SM90 = (      # 232448 B of shared memory per block (H100, H200, B200)
-    (8, MoeConfig(16, GemmConfig(64, 128, 1, 4, 5), GemmConfig(32, 128, 1, 4, 5))),
-    (24, MoeConfig(32, GemmConfig(64, 128, 1, 4, 4), GemmConfig(32, 128, 1, 4, 4))),
-    (48, MoeConfig(64, GemmConfig(64, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 4))),
+
+# (largest mean pairs per expert, config). Few pairs: one tile holds all of an expert's pairs and
+# 64-column blocks give ~E x H / 64 programs that stream the weights over every SM once (bandwidth
+# bound). Many pairs: 128-row tiles and wgmma-sized blocks (compute bound).
+CONFIGS_SM90 = (      # 232448 B of shared memory per block: sm_90, sm_100
+    (8, MoeConfig(16, GemmConfig(64, 128, 1, 4, 5), GemmConfig(64, 128, 1, 4, 4))),
+    (24, MoeConfig(32, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))),
+    (48, MoeConfig(64, GemmConfig(64, 128, 1, 4, 3), GemmConfig(64, 128, 1, 4, 3))),
     (256, MoeConfig(64, GemmConfig(128, 64, 4, 4, 4), GemmConfig(64, 64, 4, 4, 4))),
     (None, MoeConfig(128, GemmConfig(256, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4))),
 )
-CONFIGS_SMALL_SMEM = (  # 101376 B (sm_120, sm_89, sm_86)
-    (8, MoeConfig(16, GemmConfig(64, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))),
-    (24, MoeConfig(32, GemmConfig(64, 128, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))),
-    (48, MoeConfig(64, GemmConfig(64, 64, 1, 4, 3), GemmConfig(32, 128, 1, 4, 3))),
+CONFIGS_SMALL_SMEM = (  # 101376 B: sm_120 (and sm_86 / sm_89)
+    (8, MoeConfig(16, GemmConfig(64, 128, 1, 4, 3), GemmConfig(64, 128, 1, 4, 3))),
+    (24, MoeConfig(32, GemmConfig(64, 128, 1, 4, 3), GemmConfig(64, 128, 1, 4, 3))),
+    (48, MoeConfig(64, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3))),
     (256, MoeConfig(64, GemmConfig(128, 64, 4, 4, 3), GemmConfig(64, 64, 4, 4, 3))),
     (None, MoeConfig(128, GemmConfig(128, 32, 8, 8, 4), GemmConfig(128, 32, 8, 8, 4))),
 )
@@ -212,24 +234,25 @@ CONFIGS_SMALL_SMEM = (  # 101376 B (sm_120, sm_89, sm_86)
 CONFIG_INTERPRETER = MoeConfig(16, GemmConfig(32, 32, 2, 4, 1), GemmConfig(32, 32, 2, 4, 1))
 
 
-@functools.lru_cache(maxsize=None)
-def _config_table(device: torch.device):
-    props = torch.cuda.get_device_properties(device)
-    return CONFIGS_SM90 if props.shared_memory_per_block_optin >= SMEM_SM90 else CONFIGS_SMALL_SMEM
+def config_table(shared_memory: int):
+    return CONFIGS_SM90 if shared_memory >= SHARED_SM90 else CONFIGS_SMALL_SMEM
 
 
 def pick_config(n_pairs: int, n_experts: int, device: torch.device) -> MoeConfig:
     if device.type != "cuda":
         return CONFIG_INTERPRETER
     per_expert = n_pairs / n_experts
-    for limit, config in _config_table(device):
+    for limit, config in config_table(max_shared_memory(device)):
         if limit is None or per_expert <= limit:
             return config
 
 
 def _for_dtype(g: GemmConfig, dtype: torch.dtype) -> GemmConfig:
-    """Same shared-memory bytes for 4-byte inputs: half the contraction step (at least 16)."""
-    return g if dtype.itemsize <= 2 else replace(g, block_k=max(16, g.block_k // 2))
+    """4-byte inputs: half the contraction step (same shared memory per stage) and at most 128
+    columns (float32 dots run on FMA units, whose accumulators would otherwise spill)."""
+    if dtype.itemsize <= 2:
+        return g
+    return replace(g, block_k=max(16, g.block_k // 2), block_n=min(128, g.block_n))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -254,7 +277,8 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
     g1, g2 = _for_dtype(cfg.gemm1, x.dtype), _for_dtype(cfg.gemm2, x.dtype)
     pairs, tile_bucket = launch_moe_align(indices, E, cfg.block_m)
     n_tiles = tile_bucket.numel()
-    common = dict(DOT_F32=dot_upcast(x), PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg.block_m)
+    common = dict(SWAP_AB=cfg.swap_ab, DOT_F32=dot_upcast(x), PRECISION=_dot_precision(x.dtype),
+                  BLOCK_M=cfg.block_m)
 
     h = torch.empty((n_pairs, H), dtype=x.dtype, device=x.device)
     b1_ = w1 if b1 is None else b1                  # placeholder pointer when there is no bias
@@ -286,6 +310,41 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
         moe_combine_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
             out, y, M, N, top_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y
+
+
+def offline_builds():
+    """Every GEMM config of both tables (bf16 on tensor cores; float32 as launched without tf32),
+    the combine kernel and the routing kernels, with the reference shape's 16-divisible sizes."""
+    from . import moe_align
+    from .offline import KernelBuild
+    builds = []
+    tables = ((CONFIGS_SM90, (90, 100)), (CONFIGS_SMALL_SMEM, (120,)))
+    for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        types = {name: f"*{dt}" for name in ("x_ptr", "w_ptr", "b_ptr", "h_ptr", "o_ptr", "y_ptr")}
+        types.update({"pairs_ptr": "*i32", "tile_bucket_ptr": "*i32", "rw_ptr": "*fp32", "out_ptr": f"*{dt}"})
+        types.update({name: "i32" for name in (
+            "n_pairs", "top_k", "n_experts", "n_tiles", "K", "H", "N", "M", "stride_xm", "stride_we", "stride_wh",
+            "stride_wn", "stride_be", "stride_hp", "stride_rm", "stride_om")})
+        unit = dict(stride_xk=1, stride_wk=1, stride_bh=1, stride_bn=1, stride_rj=1)
+        divisible = ("K", "H", "N", "stride_xm", "stride_we", "stride_wh", "stride_wn", "stride_be", "stride_hp",
+                     "stride_om")
+        for table, targets in tables:
+            for limit, cfg in table:
+                for name, kernel, g, flags in (("gemm1", moe_gemm1_kernel, cfg.gemm1, {"ACTIVATION": "gelu_tanh"}),
+                                               ("gemm2", moe_gemm2_kernel, cfg.gemm2, {"ATOMIC": False})):
+                    g = _for_dtype(g, dtype)
+                    constexprs = {k: v for k, v in unit.items() if k in kernel.arg_names}
+                    constexprs.update(flags, HAS_BIAS=True, SWAP_AB=cfg.swap_ab, DOT_F32=False,
+                                      PRECISION=_dot_precision(dtype), BLOCK_M=cfg.block_m, BLOCK_N=g.block_n,
+                                      BLOCK_K=g.block_k, GROUP_M=g.group_m)
+                    builds.append(KernelBuild(
+                        f"moe_{name}_{dt}_pairs{limit or 'max'}_sm{targets[0]}", kernel, types, constexprs,
+                        num_warps=g.num_warps, num_stages=g.num_stages, uses_dot=dt == "bf16", targets=targets,
+                        divisible=divisible))
+        builds.append(KernelBuild(f"moe_combine_{dt}", moe_combine_kernel, types,
+                                  dict(BLOCK_M=8, BLOCK_N=256), divisible=("N",)))
+    block_ms = [cfg.block_m for table, _ in tables for _, cfg in table]
+    return builds + moe_align.offline_builds(block_ms)
 
 
 @torch.library.custom_op("fused_ops::moe_experts", mutates_args=())

@@ -117,6 +117,14 @@ def max_tiles(n_pairs: int, n_experts: int, block_m: int) -> int:
     return (n_pairs + min(n_experts + 1, n_pairs) * (block_m - 1)) // block_m
 
 
+def _blocks(n_experts: int, block_m: int) -> tuple[int, int, int]:
+    """(BLOCK_B buckets, SUB pairs, BLOCK_T tiles): one-hot tiles of about ONE_HOT_ELEMENTS."""
+    block_b = pow2(n_experts + 1)
+    sub = max(1, ONE_HOT_ELEMENTS // block_b)
+    block_t = max(1, min(64, ONE_HOT_ELEMENTS // max(block_b, block_m)))
+    return block_b, sub, block_t
+
+
 def launch_moe_align(indices: torch.Tensor, n_experts: int, block_m: int, chunk: int | None = None):
     """(pairs, tile_bucket) for `indices [M, k]` (int32 or int64, any strides); see the module doc.
 
@@ -130,9 +138,7 @@ def launch_moe_align(indices: torch.Tensor, n_experts: int, block_m: int, chunk:
     tile_bucket = torch.empty(n_tiles, dtype=torch.int32, device=dev)
     if n_tiles == 0:
         return pairs, tile_bucket
-    block_b = pow2(n_experts + 1)
-    sub = max(1, ONE_HOT_ELEMENTS // block_b)
-    block_t = max(1, min(64, ONE_HOT_ELEMENTS // max(block_b, block_m)))
+    block_b, sub, block_t = _blocks(n_experts, block_m)
     if chunk is None:
         chunk = n_pairs if n_pairs * block_b <= SINGLE_PROGRAM_WORK else max(sub, SINGLE_PROGRAM_WORK // block_b)
     n_chunks = triton.cdiv(n_pairs, chunk)
@@ -147,3 +153,24 @@ def launch_moe_align(indices: torch.Tensor, n_experts: int, block_m: int, chunk:
                                     triton.cdiv(n_tiles, n_chunks), BLOCK_M=block_m, SUB=sub,
                                     BLOCK_B=block_b, BLOCK_T=block_t, SINGLE=n_chunks == 1)
     return pairs, tile_bucket
+
+
+def offline_builds(block_ms):
+    """Both kernels at E = 8 and E = 256 for each routing alignment in `block_ms`."""
+    from .offline import KernelBuild
+    types = {"idx_ptr": "*i32", "counts_ptr": "*i32", "prefix_ptr": "*i32", "pairs_ptr": "*i32",
+             "tile_bucket_ptr": "*i32", **{name: "i32" for name in (
+                 "n_pairs", "top_k", "stride_m", "stride_j", "n_experts", "chunk", "n_chunks", "n_tiles",
+                 "tiles_per_program")}}
+    builds = []
+    for n_experts in (8, 256):
+        for block_m in sorted(set(block_ms)):
+            block_b, sub, block_t = _blocks(n_experts, block_m)
+            for single in (True, False):
+                builds.append(KernelBuild(
+                    f"moe_align_scatter_E{n_experts}_m{block_m}{'_single' if single else ''}", moe_scatter_kernel,
+                    types, dict(stride_j=1, BLOCK_M=block_m, SUB=sub, BLOCK_B=block_b, BLOCK_T=block_t,
+                                SINGLE=single)))
+        builds.append(KernelBuild(f"moe_align_count_E{n_experts}", moe_count_kernel, types,
+                                  dict(stride_j=1, SUB=sub, BLOCK_B=block_b)))
+    return builds

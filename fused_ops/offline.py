@@ -31,6 +31,7 @@ class KernelBuild:
     num_stages: int = 3
     uses_dot: bool = False
     targets: tuple = TARGETS             # where this build ships (a config may be for one family only)
+    divisible: tuple = ()                # int args the JIT would see as multiples of 16 (shapes, strides)
 
 
 @dataclass
@@ -74,7 +75,7 @@ def compile_build(build: KernelBuild, cc: int) -> BuildReport:
         signature[name] = "constexpr" if name in build.constexprs else build.types[name]
     # pointers are 16-byte aligned, as torch allocations are
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(build.kernel.arg_names)
-             if signature[n].startswith("*")}
+             if signature[n].startswith("*") or n in build.divisible}
     src = ASTSource(build.kernel, signature, constexprs=dict(build.constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                               options={"num_warps": build.num_warps, "num_stages": build.num_stages})

@@ -1,7 +1,7 @@
 """topk_gating: the k largest values per row, descending, ties to the lower index, NaN last.
 
-Each value becomes an order-preserving int32 key (NaN maps just above the "taken" sentinel), so
-one integer max plus one min over the matching columns picks the next winner, k times.
+Each value becomes an order-preserving int32 key (NaN maps just above the "taken" sentinel),
+packed with its column into an int64, so one integer max per pick finds the next winner, k times.
 The `topk_tile` helper is shared with the fused router.
 """
 from __future__ import annotations
@@ -40,16 +40,22 @@ def topk_tile(x, col, valid, k, BLOCK_K: tl.constexpr):
     """Top-k of each row of a [BM, BE] float32 tile; `col` the column ids, `valid` the live lanes.
 
     Returns (values [BM, BLOCK_K] float32, indices [BM, BLOCK_K] int32); lanes >= k are 0.
+    Key and column are packed into one int64 (key high, BE-1-col low) so one max per pick finds
+    the largest key and, among equal keys, the lowest column.
     """
+    BE: tl.constexpr = x.shape[1]
     key = tl.where(valid, ordered_key(x), TAKEN)
+    # (tensor first in the arithmetic: the interpreter turns constexpr - tensor into a constexpr)
+    packed = (key.to(tl.int64) << 32) | (col.to(tl.int64) * -1 + (BE - 1))
+    taken = tl.full(packed.shape, TAKEN, tl.int64) << 32
     slot = tl.arange(0, BLOCK_K)[None, :]
     values = tl.zeros([x.shape[0], BLOCK_K], tl.float32)
     indices = tl.zeros([x.shape[0], BLOCK_K], tl.int32)
     for j in range(k):
-        best = tl.max(key, axis=1)
-        idx = tl.min(tl.where(key == best[:, None], col, x.shape[1]), axis=1)
-        key = tl.where(col == idx[:, None], TAKEN, key)
-        values = tl.where(slot == j, key_value(best)[:, None], values)
+        best = tl.max(packed, axis=1)
+        idx = ((best & 0xFFFFFFFF) * -1 + (BE - 1)).to(tl.int32)
+        packed = tl.where(col == idx[:, None], taken, packed)
+        values = tl.where(slot == j, key_value((best >> 32).to(tl.int32))[:, None], values)
         indices = tl.where(slot == j, idx[:, None], indices)
     return values, indices
 

@@ -23,7 +23,7 @@ def test_matches_reference(dtype, n):
     assert_close(out, ref, dtype)
     # properties: rows sum to 1, every probability in (0, 1]
     assert torch.allclose(out.double().sum(-1), torch.ones(rows, dtype=torch.float64, device=DEVICE), atol=1e-4)
-    assert (out > 0).all() and (out <= 1).all()
+    assert (out > 0).all() and (out <= 1 + 1e-6).all()
 
 
 @pytest.mark.parametrize("temperature", [1e-3, 1.0, 1e3])
