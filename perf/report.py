@@ -1,0 +1,76 @@
+"""Regenerate the README's results table from the committed CSVs (so it cannot drift from the data).
+
+python -m perf.report           rewrite the block between the README's results markers
+python -m perf.report --check   exit 1 if the README's block differs from what the CSVs give
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from .harness import _best, read_csv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def table_for(csv_path: str) -> str:
+    rows = [r for r in read_csv(csv_path) if r["op"] != "ceiling"]
+    ceilings = {r["provider"]: r for r in read_csv(csv_path) if r["op"] == "ceiling"}
+    if not rows:
+        return ""
+    env = rows[0]
+    lines = [f"**{env['gpu']}** — torch {env['torch']}, triton {env['triton']}, {env['date']}; measured ceilings: "
+             f"{ceilings['read_gb_s']['gb_s']:.0f} GB/s read, {ceilings['bf16_tflop_s']['tflop_s']:.0f} TFLOP/s bf16. "
+             f"Times are medians (CUDA-graph replay where it was faster); floor = max(bytes / read BW, FLOPs / GEMM rate).",
+             "",
+             "| op | shape | dtype | fused_ops ms | of floor | best peer | peer ms | speedup |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["op"], r["shape"], r["dtype"]), []).append(r)
+    for (op, shape, dtype), group in cases.items():
+        ours = [r for r in group if r["provider"] == "fused_ops"]
+        peers = [r for r in group if r["provider"] != "fused_ops"]
+        if not ours:
+            continue
+        o = ours[0]
+        peer = min(peers, key=_best) if peers else None
+        peer_cols = (f"{peer['provider']} | {_best(peer):.4f} | {_best(peer) / _best(o):.2f}x" if peer
+                     else "- | - | -")
+        lines.append(f"| {op} | {shape} | {dtype} | {_best(o):.4f} | {o['floor_ratio']:.0%} | {peer_cols} |")
+    return "\n".join(lines)
+
+
+def generate() -> str:
+    parts = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "perf", "results", "*", "results.csv"))):
+        table = table_for(path)
+        if table:
+            parts.append(table)
+    return "\n\n".join(parts) if parts else "_No GPU results committed yet._"
+
+
+def replace_block(text: str, block: str) -> str:
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    with open(README) as f:
+        text = f.read()
+    updated = replace_block(text, generate())
+    if "--check" in argv:
+        if updated != text:
+            raise SystemExit("README results table is stale: run `python -m perf.report`")
+        return
+    with open(README, "w") as f:
+        f.write(updated)
+
+
+if __name__ == "__main__":
+    main()
