@@ -98,7 +98,10 @@ def choice(op: str, name: str, value, allowed: Sequence[str]) -> str:
 
 
 def can_sync(t: torch.Tensor) -> bool:
-    """Value checks of device tensors cost a sync: allowed outside CUDA-graph capture only."""
+    """Value checks read tensor values: not while torch.compile traces (the values are symbolic),
+    and on CUDA not during graph capture (a sync)."""
+    if torch.compiler.is_compiling():
+        return False
     if t.device.type != "cuda":
         return True
     return not torch.cuda.is_current_stream_capturing()

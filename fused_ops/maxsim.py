@@ -279,8 +279,10 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
         n_tokens, stride_dn, stride_dt = D.shape[1], D.stride(0), D.stride(1)
     span_ptr = Q if spans is None else spans.contiguous()
     q_len_ptr = Q if q_lengths is None else q_lengths.contiguous()
+    # a D without elements (every document empty) may have a null pointer; its loads are all masked
+    d_ptr = D if D.numel() else Q
     maxsim_kernel[(n_groups * rows.n_qgroups,)](
-        Q, D, span_ptr, q_len_ptr, out, idx,
+        Q, d_ptr, span_ptr, q_len_ptr, out, idx,
         n_queries, n_docs, q_tokens, n_tokens, rows.lq_tile, rows.qpb, k or 0,
         Q.stride(0), Q.stride(1), stride_dn, stride_dt, stride_on,
         DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
@@ -305,10 +307,9 @@ def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum",
     cfg = config or pick_config(Q.shape[0], Q.shape[1], D.shape[0], D.shape[2], Q.dtype, Q.device, k)
     if 2 * k > cfg.group:
         return reference.ranked_topk(_launch(Q, D, d_lengths, False, q_lengths, reduction, None, config), k)
-    # candidates are in document order within equal values (groups ascend, and topk_tile breaks
-    # ties to the lower index), so ranked_topk's stable ties still go to the lower document;
-    # unused slots of a short last group hold NaN after every real candidate and are never
-    # reached since k <= Nd
+    # equal candidates sit in document order (groups ascend and topk_tile breaks ties to the lower
+    # index), so ranked_topk's stable ties still pick the lower document. Slots past the end of a
+    # short last group hold NaN behind every real candidate and are never reached, as k <= Nd.
     cand, cand_idx = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, cfg)
     values, pos = reference.ranked_topk(cand, k)
     return values, cand_idx.gather(1, pos)

@@ -146,10 +146,11 @@ def test_bad_lengths_are_clamped_by_the_kernel():
     expected = oracle(Q, D, torch.tensor([3, 3], device=DEVICE), torch.tensor([0, 6, 6, 3], device=DEVICE))
     assert_close(out, expected, torch.float32)
     D_packed = rand(10, 8)
-    offsets = torch.tensor([-5, 4, 2, 50], device=DEVICE)          # clamped to 0, 4, 4, 10
+    offsets = torch.tensor([-5, 4, 2, 50], device=DEVICE)          # documents [0, 4), [4, 4), [2, 10)
     out = maxsim_module.launch_maxsim_varlen(Q, D_packed, offsets)
-    padded, lens = reference.unpack_documents(D_packed, torch.tensor([0, 4, 4, 10], device=DEVICE))
-    assert_close(out, oracle(Q, padded, None, lens), torch.float32)
+    padded = torch.zeros(3, 8, 8, device=DEVICE)
+    padded[0, :4], padded[2] = D_packed[:4], D_packed[2:]
+    assert_close(out, oracle(Q, padded, None, torch.tensor([4, 0, 8], device=DEVICE)), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -251,3 +252,24 @@ def test_gpu_shapes_bf16(Nq, Lq, Nd, Ld):
     q_lengths = lengths(Nq, Lq, ends=(Lq,)).clamp_min(1)
     d_lengths = torch.randint(Ld // 3, Ld + 1, (Nd,), device=DEVICE)
     check_both_layouts(Q, D, q_lengths, d_lengths, "sum", torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+def test_cuda_graph_capture():
+    """No host sync on the CUDA path: every op captures, and a replay sees new inputs."""
+    Q, D = rand(4, 32, 128, dtype=torch.bfloat16), rand(300, 64, 128, dtype=torch.bfloat16)
+    d_lengths = torch.randint(0, 65, (300,), device=DEVICE)
+    D_packed, offsets = pack(D, d_lengths)
+
+    def run():
+        return (fused_ops.maxsim(Q, D, d_lengths=d_lengths), fused_ops.maxsim_varlen(Q, D_packed, offsets),
+                *fused_ops.maxsim_topk(Q, D, 5, d_lengths=d_lengths))
+
+    run()                                                           # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    Q.copy_(rand(4, 32, 128, dtype=torch.bfloat16))
+    graph.replay()
+    for got, want in zip(captured, run()):
+        assert torch.equal(got, want)
