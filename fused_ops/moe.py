@@ -16,7 +16,8 @@ Pipeline (no host sync anywhere, so the whole op is CUDA-graph capturable):
 The grids depend on the shapes only: programs of tiles past the routed ones exit at once, so an
 expert without tokens costs a launch's share. With few tokens (M * k / E small) a tile holds every
 pair of its expert, so the grid is (expert, column block): each weight block is streamed from HBM
-once, across all SMs, and the batch is weight-bandwidth bound.
+once, across all SMs, and the batch is weight-bandwidth bound. Tiles of fewer than 64 pairs are
+computed transposed (swap-AB: weight rows on the MMA's M side), so they still run on wgmma / tcgen05.
 
 Indices outside [0, E) cannot be rejected without a sync: their pairs get a bucket of their own
 whose second-GEMM tiles write NaN, so those tokens' rows of y are NaN (never a silent wrong value,
@@ -79,6 +80,18 @@ def _mma(a, b, acc, SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.
 
 
 @triton.jit
+def _load_tiles(a_ptrs, b_ptrs, k_left, offs_k, EVEN_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] and [BLOCK_K, BLOCK_N] operand tiles, zero past the contraction end."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=(offs_k < k_left)[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k < k_left)[:, None], other=0.0)
+    return a, b
+
+
+@triton.jit
 def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -91,9 +104,9 @@ def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
 def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
                      n_pairs, top_k, n_experts, n_tiles, K, H,
                      stride_xm, stride_xk, stride_we, stride_wh, stride_wk, stride_be, stride_bh, stride_hp,
-                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, SWAP_AB: tl.constexpr,
-                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr,
+                     SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """h[p, n] = act(x[p // k] @ w1[e, n]^T + b1[e, n]) for the pairs p of one tile of expert e."""
     tile, col = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(tile_bucket_ptr + tile)
@@ -109,9 +122,7 @@ def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
         b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wh + offs_k[:, None] * stride_wk
         acc = _zeros(BLOCK_M, BLOCK_N, SWAP_AB)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            a, b = _load_tiles(a_ptrs, b_ptrs, K - k0, offs_k, EVEN_K)
             acc = _mma(a, b, acc, SWAP_AB, DOT_F32, PRECISION)
             a_ptrs += BLOCK_K * stride_xk
             b_ptrs += BLOCK_K * stride_wk
@@ -129,47 +140,45 @@ def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
 @triton.jit
 def moe_gemm2_kernel(h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pairs_ptr, tile_bucket_ptr,
                      n_pairs, top_k, n_experts, n_tiles, H, N,
-                     stride_hp, stride_we, stride_wn, stride_wh, stride_be, stride_bn, stride_rm, stride_rj,
+                     stride_hp, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_rm, stride_rj,
                      stride_om,
-                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SWAP_AB: tl.constexpr,
-                     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """weights[p] * (h[p] @ w2[e, n]^T + b2[e, n]) to out row p (ATOMIC: added to y row p // k)."""
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+                     SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """weights[p] * (h[p] @ w2[e, n]^T + b2[e, n]) to out row p (ATOMIC: added to y row p // k).
+    Tiles of the NaN bucket (indices outside [0, E)) read no weights and write NaN."""
     tile, col = _tile_order(tl.program_id(0), n_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(tile_bucket_ptr + tile)
     if expert <= n_experts:                      # past the last bucket: unused tile
+        routed = expert < n_experts
         pair = tl.load(pairs_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
         live = pair < n_pairs
         token = pair // top_k
         offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        w_rows = (offs_n % N).to(tl.int64)
+        e = tl.minimum(expert, n_experts - 1).to(tl.int64)
+        a_ptrs = h_ptr + tl.where(live, pair, 0).to(tl.int64)[:, None] * stride_hp + offs_k[None, :]
+        b_ptrs = w_ptr + e * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = _zeros(BLOCK_M, BLOCK_N, SWAP_AB)
+        for k0 in range(0, tl.where(routed, H, 0), BLOCK_K):
+            a, b = _load_tiles(a_ptrs, b_ptrs, H - k0, offs_k, EVEN_K)
+            acc = _mma(a, b, acc, SWAP_AB, DOT_F32, PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_wk
+        if SWAP_AB:
+            acc = tl.trans(acc)
+        if HAS_BIAS:
+            bias_ok = offs_n < tl.where(routed, N, 0)          # the NaN bucket reads no bias (E may be 0)
+            bias = tl.load(b_ptr + e * stride_be + offs_n * stride_bn, mask=bias_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        slot = pair - token * top_k
+        rw = tl.load(rw_ptr + token.to(tl.int64) * stride_rm + slot * stride_rj, mask=live, other=0.0)
+        acc = tl.where(routed, acc * rw.to(tl.float32)[:, None], float("nan"))
         out_row = token if ATOMIC else pair
         out_ptrs = out_ptr + out_row.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        out_mask = live[:, None] & (offs_n < N)[None, :]
-        if expert == n_experts:                  # indices outside [0, E): NaN rows, no weight read
-            acc = tl.full([BLOCK_M, BLOCK_N], float("nan"), tl.float32)
-        else:
-            offs_k = tl.arange(0, BLOCK_K)
-            w_rows = (offs_n % N).to(tl.int64)
-            src = tl.where(live, pair, 0).to(tl.int64)
-            a_ptrs = h_ptr + src[:, None] * stride_hp + offs_k[None, :]
-            b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wh
-            acc = _zeros(BLOCK_M, BLOCK_N, SWAP_AB)
-            for k0 in range(0, H, BLOCK_K):
-                k_ok = offs_k < H - k0
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-                acc = _mma(a, b, acc, SWAP_AB, DOT_F32, PRECISION)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K * stride_wh
-            if SWAP_AB:
-                acc = tl.trans(acc)
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn,
-                               mask=offs_n < N, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
-            slot = pair - token * top_k
-            rw = tl.load(rw_ptr + token.to(tl.int64) * stride_rm + slot * stride_rj, mask=live, other=0.0)
-            acc = acc * rw.to(tl.float32)[:, None]
+        out_mask = live[:, None] & n_ok[None, :]
         if ATOMIC:
             tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
         else:
@@ -194,8 +203,9 @@ def moe_combine_kernel(o_ptr, y_ptr, M, N, top_k, BLOCK_M: tl.constexpr, BLOCK_N
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemmConfig:
+    """One GEMM's tiling for 2-byte inputs (float32 takes one FMA tile shape, see _for_dtype)."""
     block_n: int          # output columns per program (H for the first GEMM, N for the second)
-    block_k: int          # contraction step for 2-byte inputs (see _for_dtype)
+    block_k: int          # contraction step
     group_m: int          # tiles that sweep the column blocks together (L2 reuse)
     num_warps: int
     num_stages: int
@@ -248,16 +258,26 @@ def pick_config(n_pairs: int, n_experts: int, device: torch.device) -> MoeConfig
 
 
 def _for_dtype(g: GemmConfig, dtype: torch.dtype) -> GemmConfig:
-    """4-byte inputs: half the contraction step (same shared memory per stage) and at most 128
-    columns (float32 dots run on FMA units, whose accumulators would otherwise spill)."""
+    """float32 dots (without tf32) run on FMA units, which hold both operand tiles in registers:
+    one small tile shape for all of them (the one ptxas compiles without spills on every target)."""
     if dtype.itemsize <= 2:
         return g
-    return replace(g, block_k=max(16, g.block_k // 2), block_n=min(128, g.block_n))
+    return replace(g, block_k=32, block_n=32, num_warps=8, num_stages=3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs get tf32 only where torch would use it (SPEC: Dtypes)
     return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _tile_constexprs(g: GemmConfig, k_dim: int) -> dict:
+    return dict(EVEN_K=k_dim % g.block_k == 0, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m)
+
+
+def _combine_blocks(N: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the combine: 2048 outputs per program."""
+    block_n = min(256, triton.next_power_of_2(N))
+    return max(1, 2048 // block_n), block_n
 
 
 def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
@@ -286,8 +306,8 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
         x, w1, b1_, h, pairs, tile_bucket, n_pairs, top_k, E, n_tiles, K, H,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
         0 if b1 is None else b1.stride(0), 0 if b1 is None else b1.stride(1), h.stride(0),
-        HAS_BIAS=b1 is not None, ACTIVATION=activation, BLOCK_N=g1.block_n, BLOCK_K=g1.block_k,
-        GROUP_M=g1.group_m, num_warps=g1.num_warps, num_stages=g1.num_stages, **common)
+        HAS_BIAS=b1 is not None, ACTIVATION=activation, **_tile_constexprs(g1, K), **common,
+        num_warps=g1.num_warps, num_stages=g1.num_stages)
 
     if atomic:
         out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
@@ -299,50 +319,52 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
         0 if b2 is None else b2.stride(0), 0 if b2 is None else b2.stride(1),
         weights.stride(0), weights.stride(1), out.stride(0),
-        HAS_BIAS=b2 is not None, ATOMIC=atomic, BLOCK_N=g2.block_n, BLOCK_K=g2.block_k,
-        GROUP_M=g2.group_m, num_warps=g2.num_warps, num_stages=g2.num_stages, **common)
+        HAS_BIAS=b2 is not None, ATOMIC=atomic, **_tile_constexprs(g2, H), **common,
+        num_warps=g2.num_warps, num_stages=g2.num_stages)
 
     if atomic:
         return out if x.dtype == torch.float32 else out.to(x.dtype)
     if top_k > 1:
-        block_n = min(256, triton.next_power_of_2(N))
-        block_m = max(1, 2048 // block_n)
+        block_m, block_n = _combine_blocks(N)
         moe_combine_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
             out, y, M, N, top_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y
 
 
 def offline_builds():
-    """Every GEMM config of both tables (bf16 on tensor cores; float32 as launched without tf32),
-    the combine kernel and the routing kernels, with the reference shape's 16-divisible sizes."""
+    """Every GEMM config of both tables at the reference shape (bf16 on tensor cores, plus its odd-K
+    variant; float32 as launched without tf32), the combine and the routing kernels."""
     from . import moe_align
     from .offline import KernelBuild
-    builds = []
+    K, H, N = 8320, 4096, 1536                   # FuseMoE's shape: sizes and strides divisible by 16
+    divisible = ("K", "H", "N", "stride_xm", "stride_we", "stride_wh", "stride_wn", "stride_be", "stride_hp",
+                 "stride_om")
     tables = ((CONFIGS_SM90, (90, 100)), (CONFIGS_SMALL_SMEM, (120,)))
+    builds = []
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        types = {name: f"*{dt}" for name in ("x_ptr", "w_ptr", "b_ptr", "h_ptr", "o_ptr", "y_ptr")}
-        types.update({"pairs_ptr": "*i32", "tile_bucket_ptr": "*i32", "rw_ptr": "*fp32", "out_ptr": f"*{dt}"})
-        types.update({name: "i32" for name in (
-            "n_pairs", "top_k", "n_experts", "n_tiles", "K", "H", "N", "M", "stride_xm", "stride_we", "stride_wh",
-            "stride_wn", "stride_be", "stride_hp", "stride_rm", "stride_om")})
-        unit = dict(stride_xk=1, stride_wk=1, stride_bh=1, stride_bn=1, stride_rj=1)
-        divisible = ("K", "H", "N", "stride_xm", "stride_we", "stride_wh", "stride_wn", "stride_be", "stride_hp",
-                     "stride_om")
+        types = {name: f"*{dt}" for name in ("x_ptr", "w_ptr", "b_ptr", "h_ptr", "out_ptr", "o_ptr", "y_ptr")}
+        types.update({"pairs_ptr": "*i32", "tile_bucket_ptr": "*i32", "rw_ptr": "*fp32"})
+        types.update({name: "i32" for name in ("n_pairs", "top_k", "n_experts", "n_tiles", "M", "stride_rm",
+                                               *divisible)})
+        common = dict(HAS_BIAS=True, DOT_F32=False, PRECISION=_dot_precision(dtype), stride_xk=1, stride_wk=1,
+                      stride_bh=1, stride_bn=1, stride_rj=1)
         for table, targets in tables:
             for limit, cfg in table:
-                for name, kernel, g, flags in (("gemm1", moe_gemm1_kernel, cfg.gemm1, {"ACTIVATION": "gelu_tanh"}),
-                                               ("gemm2", moe_gemm2_kernel, cfg.gemm2, {"ATOMIC": False})):
+                gemms = (("gemm1", moe_gemm1_kernel, cfg.gemm1, K, {"ACTIVATION": "gelu_tanh"}),
+                         ("gemm2", moe_gemm2_kernel, cfg.gemm2, H, {"ATOMIC": False}))
+                for name, kernel, g, k_dim, flags in gemms:
                     g = _for_dtype(g, dtype)
-                    constexprs = {k: v for k, v in unit.items() if k in kernel.arg_names}
-                    constexprs.update(flags, HAS_BIAS=True, SWAP_AB=cfg.swap_ab, DOT_F32=False,
-                                      PRECISION=_dot_precision(dtype), BLOCK_M=cfg.block_m, BLOCK_N=g.block_n,
-                                      BLOCK_K=g.block_k, GROUP_M=g.group_m)
-                    builds.append(KernelBuild(
-                        f"moe_{name}_{dt}_pairs{limit or 'max'}_sm{targets[0]}", kernel, types, constexprs,
-                        num_warps=g.num_warps, num_stages=g.num_stages, uses_dot=dt == "bf16", targets=targets,
-                        divisible=divisible))
+                    for odd in (False, True) if dt == "bf16" else (False,):
+                        constexprs = {k: v for k, v in common.items() if k in kernel.arg_names}
+                        constexprs.update(flags, SWAP_AB=cfg.swap_ab, BLOCK_M=cfg.block_m,
+                                          **_tile_constexprs(g, k_dim + odd))
+                        builds.append(KernelBuild(
+                            f"moe_{name}_{dt}_pairs{limit or 'max'}{'_oddk' if odd else ''}_sm{targets[0]}", kernel,
+                            types, constexprs, num_warps=g.num_warps, num_stages=g.num_stages,
+                            uses_dot=dt == "bf16", targets=targets, divisible=divisible))
+        block_m, block_n = _combine_blocks(N)
         builds.append(KernelBuild(f"moe_combine_{dt}", moe_combine_kernel, types,
-                                  dict(BLOCK_M=8, BLOCK_N=256), divisible=("N",)))
+                                  dict(BLOCK_M=block_m, BLOCK_N=block_n), divisible=("N",)))
     block_ms = [cfg.block_m for table, _ in tables for _, cfg in table]
     return builds + moe_align.offline_builds(block_ms)
 

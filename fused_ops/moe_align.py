@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._runtime import pow2
 
-ONE_HOT_ELEMENTS = 8192          # [pairs, buckets] one-hot tile held per loop step
+ONE_HOT_ELEMENTS = 4096          # [pairs, buckets] one-hot tile held per loop step
 SINGLE_PROGRAM_WORK = 1 << 16    # pairs x buckets handled by a single program (one launch)
 
 
@@ -117,12 +117,13 @@ def max_tiles(n_pairs: int, n_experts: int, block_m: int) -> int:
     return (n_pairs + min(n_experts + 1, n_pairs) * (block_m - 1)) // block_m
 
 
-def _blocks(n_experts: int, block_m: int) -> tuple[int, int, int]:
-    """(BLOCK_B buckets, SUB pairs, BLOCK_T tiles): one-hot tiles of about ONE_HOT_ELEMENTS."""
+def _blocks(n_experts: int, block_m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B buckets, SUB pairs, BLOCK_T tiles, num_warps): one-hot tiles of about
+    ONE_HOT_ELEMENTS; the warp counts are those that ptxas compiles without spills."""
     block_b = pow2(n_experts + 1)
     sub = max(1, ONE_HOT_ELEMENTS // block_b)
     block_t = max(1, min(64, ONE_HOT_ELEMENTS // max(block_b, block_m)))
-    return block_b, sub, block_t
+    return block_b, sub, block_t, 2 if block_b < 64 else 8
 
 
 def launch_moe_align(indices: torch.Tensor, n_experts: int, block_m: int, chunk: int | None = None):
@@ -138,7 +139,7 @@ def launch_moe_align(indices: torch.Tensor, n_experts: int, block_m: int, chunk:
     tile_bucket = torch.empty(n_tiles, dtype=torch.int32, device=dev)
     if n_tiles == 0:
         return pairs, tile_bucket
-    block_b, sub, block_t = _blocks(n_experts, block_m)
+    block_b, sub, block_t, warps = _blocks(n_experts, block_m)
     if chunk is None:
         chunk = n_pairs if n_pairs * block_b <= SINGLE_PROGRAM_WORK else max(sub, SINGLE_PROGRAM_WORK // block_b)
     n_chunks = triton.cdiv(n_pairs, chunk)
@@ -147,30 +148,32 @@ def launch_moe_align(indices: torch.Tensor, n_experts: int, block_m: int, chunk:
         prefix = tile_bucket                       # unused by the single-program kernel
     else:
         counts = torch.empty((n_chunks, block_b), dtype=torch.int32, device=dev)
-        moe_count_kernel[(n_chunks,)](indices, counts, *args, chunk, SUB=sub, BLOCK_B=block_b)
+        moe_count_kernel[(n_chunks,)](indices, counts, *args, chunk, SUB=sub, BLOCK_B=block_b,
+                                      num_warps=warps)
         prefix = torch.cumsum(counts, dim=0, dtype=torch.int32)
     moe_scatter_kernel[(n_chunks,)](indices, prefix, pairs, tile_bucket, *args, chunk, n_chunks, n_tiles,
                                     triton.cdiv(n_tiles, n_chunks), BLOCK_M=block_m, SUB=sub,
-                                    BLOCK_B=block_b, BLOCK_T=block_t, SINGLE=n_chunks == 1)
+                                    BLOCK_B=block_b, BLOCK_T=block_t, SINGLE=n_chunks == 1,
+                                    num_warps=warps)
     return pairs, tile_bucket
 
 
 def offline_builds(block_ms):
-    """Both kernels at E = 8 and E = 256 for each routing alignment in `block_ms`."""
+    """Both kernels at E = 8, 64 and 256 for each routing alignment in `block_ms`."""
     from .offline import KernelBuild
     types = {"idx_ptr": "*i32", "counts_ptr": "*i32", "prefix_ptr": "*i32", "pairs_ptr": "*i32",
              "tile_bucket_ptr": "*i32", **{name: "i32" for name in (
                  "n_pairs", "top_k", "stride_m", "stride_j", "n_experts", "chunk", "n_chunks", "n_tiles",
                  "tiles_per_program")}}
     builds = []
-    for n_experts in (8, 256):
+    for n_experts in (8, 64, 256):
         for block_m in sorted(set(block_ms)):
-            block_b, sub, block_t = _blocks(n_experts, block_m)
+            block_b, sub, block_t, warps = _blocks(n_experts, block_m)
             for single in (True, False):
                 builds.append(KernelBuild(
                     f"moe_align_scatter_E{n_experts}_m{block_m}{'_single' if single else ''}", moe_scatter_kernel,
                     types, dict(stride_j=1, BLOCK_M=block_m, SUB=sub, BLOCK_B=block_b, BLOCK_T=block_t,
-                                SINGLE=single)))
+                                SINGLE=single), num_warps=warps))
         builds.append(KernelBuild(f"moe_align_count_E{n_experts}", moe_count_kernel, types,
-                                  dict(stride_j=1, SUB=sub, BLOCK_B=block_b)))
+                                  dict(stride_j=1, SUB=sub, BLOCK_B=block_b), num_warps=warps))
     return builds

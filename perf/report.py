@@ -9,7 +9,7 @@ import glob
 import os
 import sys
 
-from .harness import _best, read_csv
+from .harness import _best, is_peer, read_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -33,7 +33,7 @@ def table_for(csv_path: str) -> str:
         cases.setdefault((r["op"], r["shape"], r["dtype"]), []).append(r)
     for (op, shape, dtype), group in cases.items():
         ours = [r for r in group if r["provider"] == "fused_ops"]
-        peers = [r for r in group if r["provider"] != "fused_ops"]
+        peers = [r for r in group if is_peer(r["provider"])]
         if not ours:
             continue
         o = ours[0]

@@ -101,6 +101,7 @@ def test_matches_oracle(dtype, activation):
     (3, 33, 17, 9, 4, 4),                                 # k = E
     (33, 40, 24, 20, 9, 9),                               # k = E, several tiles per expert
     (3, 24, 16, 12, 256, 8),                              # many experts, most of them empty
+    (40, 16, 12, 10, 256, 4),                             # routing metadata over several programs
     pick((3, 8320, 7, 5, 4, 2), (33, 8320, 4000, 1500, 8, 4)),
     pick((33, 9, 70, 1500, 3, 1), (3, 7, 4000, 1500, 16, 3)),
 ])
@@ -183,8 +184,9 @@ def test_deterministic_bitwise():
     assert torch.equal(first, fused_ops.moe_experts(*args))
 
 
-def test_atomic_combine_matches(monkeypatch):
-    args = problem(*pick((20, 30, 20, 17, 4, 3), (500, 512, 384, 256, 8, 4)), torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_atomic_combine_matches(monkeypatch, dtype):
+    args = problem(*pick((20, 30, 20, 17, 4, 3), (500, 512, 384, 256, 8, 4)), dtype)
     check(args, atomic=True)
     monkeypatch.setenv("FUSED_OPS_MOE_ATOMIC", "1")
     check(args)
