@@ -1,4 +1,4 @@
-"""python -m fused_ops info | demo"""
+"""python -m fused_ops info | demo | tune | configs"""
 from __future__ import annotations
 
 import argparse
@@ -88,14 +88,74 @@ def cmd_demo(args) -> None:
         raise SystemExit(f"demo: triton and torch backends differ (relative error {worst:.2e} > {tolerance})")
 
 
+def _parse_shapes(tokens, base: dict) -> list:
+    """'M=32,N=7' tokens -> shape dicts over the tunable's default shape."""
+    shapes = []
+    for token in tokens:
+        shape = dict(base)
+        for item in token.split(","):
+            key, value = item.split("=")
+            shape[key] = int(value)
+        shapes.append(shape)
+    return shapes
+
+
+def cmd_tune(args) -> None:
+    from . import tunables, tuner, tuning  # noqa: F401  (tunables registers the kernels)
+    names = args.op or list(tuning.TUNABLES)
+    unknown = [n for n in names if n not in tuning.TUNABLES]
+    if unknown:
+        raise SystemExit(f"unknown --op {unknown}; tunable kernels: {list(tuning.TUNABLES)}")
+    for name in names:
+        shapes = _parse_shapes(args.shapes, tuning.TUNABLES[name].shapes[0]) if args.shapes else None
+        tuner.tune([name], shapes, args.out)
+
+
+def family_of_name(name: str) -> str:
+    """GPU family from a marketing name, for `configs --device` on a machine without that GPU."""
+    upper = name.upper()
+    if any(t in upper for t in ("H100", "H200", "H800", "GH200")):
+        return "sm_90"
+    if any(t in upper for t in ("B200", "GB200", "B100", "B300")):
+        return "sm_100"
+    if any(t in upper for t in ("RTX 50", "RTX PRO", "5090", "5080")):
+        return "sm_120"
+    return "generic"
+
+
+def cmd_configs(args) -> None:
+    from . import tunables, tuning  # noqa: F401
+    if args.device:
+        name, family = args.device, args.family or family_of_name(args.device)
+    else:
+        name, family = tuning.current_device()
+    print(f"device {name!r}, family {family}; JSON searched: "
+          f"{[p for p, _ in tuning.config_files(name, family)] or 'none found'}")
+    for kname, tunable in tuning.TUNABLES.items():
+        for shape in tunable.shapes:
+            bucket = tunable.bucket(shape)
+            entry, source = tuning.lookup(kname, bucket, name, family)
+            config = tunable.parse(entry) if entry is not None else tunable.fallback(bucket, family)
+            shape_txt = ",".join(f"{k}={v}" for k, v in shape.items())
+            print(f"{kname:<18} {bucket:<14} {shape_txt:<40} <- {source}\n{'':<20}{tunable.to_json(config)}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fused_ops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="device, versions and which backend the ops use")
     demo = sub.add_parser("demo", help="build a FuseMoE, check triton against torch, time both")
     demo.add_argument("--repeats", type=int, default=5, help="timed calls per case on CPU")
+    tune = sub.add_parser("tune", help="tune kernel configs on this GPU and write <device>.json")
+    tune.add_argument("--op", nargs="+", help="tunable kernels (default: all)")
+    tune.add_argument("--shapes", nargs="+", help="shapes as M=32,K=8320,... over each kernel's default")
+    tune.add_argument("--out", help="output folder (default $FUSED_OPS_CONFIG_DIR or the package's configs/)")
+    configs = sub.add_parser("configs", help="which config each kernel would use on a device, and why")
+    configs.add_argument("--device", help="a device name, e.g. 'NVIDIA B200' (default: the GPU at hand)")
+    configs.add_argument("--family", choices=["sm_90", "sm_100", "sm_120", "generic"],
+                         help="override the family guessed from --device")
     args = parser.parse_args(argv)
-    {"info": cmd_info, "demo": cmd_demo}[args.command](args)
+    {"info": cmd_info, "demo": cmd_demo, "tune": cmd_tune, "configs": cmd_configs}[args.command](args)
 
 
 if __name__ == "__main__":

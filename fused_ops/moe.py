@@ -26,19 +26,18 @@ never an out-of-bounds read). The CPU reference path raises ValueError instead.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._runtime import TL_DTYPE, dot_upcast, max_shared_memory, use_triton
+from . import reference, tuning
+from ._runtime import TL_DTYPE, dot_upcast, use_triton
 from .moe_align import launch_moe_align
 
 ATOMIC_ENV = "FUSED_OPS_MOE_ATOMIC"
-SHARED_SM90 = 232448         # opt-in shared memory per block on sm_90 / sm_100
 
 
 @triton.jit
@@ -244,17 +243,39 @@ CONFIGS_SMALL_SMEM = (  # 101376 B: sm_120 (and sm_86 / sm_89)
 CONFIG_INTERPRETER = MoeConfig(16, GemmConfig(32, 32, 2, 4, 1), GemmConfig(32, 32, 2, 4, 1))
 
 
-def config_table(shared_memory: int):
-    return CONFIGS_SM90 if shared_memory >= SHARED_SM90 else CONFIGS_SMALL_SMEM
+def config_table(family: str):
+    return CONFIGS_SM90 if family in ("sm_90", "sm_100") else CONFIGS_SMALL_SMEM
+
+
+def pairs_bucket(n_pairs: int, n_experts: int) -> int:
+    """Mean pairs per expert rounded up to a power of two: the key configs are stored under."""
+    per = -(-n_pairs // n_experts)
+    b = 1
+    while b < per:
+        b *= 2
+    return b
+
+
+def fallback_config(bucket: str, family: str) -> MoeConfig:
+    per_expert = int(bucket.removeprefix("pairs"))
+    for limit, config in config_table(family):
+        if limit is None or per_expert <= limit:
+            return config
+
+
+def config_to_json(config: MoeConfig) -> dict:
+    return asdict(config)
+
+
+def config_from_json(entry: dict) -> MoeConfig:
+    return MoeConfig(entry["block_m"], GemmConfig(**entry["gemm1"]), GemmConfig(**entry["gemm2"]))
 
 
 def pick_config(n_pairs: int, n_experts: int, device: torch.device) -> MoeConfig:
     if device.type != "cuda":
         return CONFIG_INTERPRETER
-    per_expert = n_pairs / n_experts
-    for limit, config in config_table(max_shared_memory(device)):
-        if limit is None or per_expert <= limit:
-            return config
+    bucket = f"pairs{pairs_bucket(n_pairs, n_experts)}"
+    return tuning.config_for("moe_experts", bucket, fallback_config, config_from_json)
 
 
 def _for_dtype(g: GemmConfig, dtype: torch.dtype) -> GemmConfig:

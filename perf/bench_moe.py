@@ -3,7 +3,8 @@ torch.compile of the loop; and the whole FuseMoE forward (router + experts) at b
 
 Reference shape, bf16: K=8320, H=4096, N=1536, E=8, k=4, gelu_tanh; routing is the top-k of random
 logits with softmax weights (float32 weights, int32 indices, as FuseMoE passes them).
-Floors: bytes = every expert's weights and biases read once + x + routing + y (646 MB of weights);
+Floors: bytes = the weights and biases of every expert that receives a token, read once, + x +
+routing + y (646 MB of weights when all 8 experts are used; 4 of 8 at M=1);
 FLOPs = 2 M k (K H + H N). The loop and its compiled form sync on the host (nonzero per expert),
 so only the sync-free providers get a CUDA-graph timing. Each size also prints moe_experts' peak
 memory beyond its inputs and y: h [M k, H] and the slot outputs [M k, N] in bf16, plus routing scratch.
@@ -80,7 +81,9 @@ def _expert_cases(sizes, generator) -> list[Case]:
         weights, indices = _routing(M, generator)
         args = (x, weights, indices, w1, b1, w2, b2)
         shape = {"M": M, "K": K, "H": H, "N": N, "E": E, "k": TOP_K}
-        nbytes = weight_bytes + M * K * 2 + M * TOP_K * 8 + M * N * 2
+        # only the experts that receive a token must be read (at M=1, k of the E)
+        used = indices.unique().numel()
+        nbytes = weight_bytes * used // E + M * K * 2 + M * TOP_K * 8 + M * N * 2
         flops = 2 * M * TOP_K * (K * H + H * N)
         fused = lambda args=args: fused_ops.moe_experts(*args, activation="gelu_tanh")  # noqa: E731
         print(f"  moe_experts M={M}: {_extra_memory_mib(fused):.1f} MiB beyond inputs and y "

@@ -1,0 +1,167 @@
+"""The one place that owns kernel configs.
+
+A tunable kernel registers a `Tunable`: its config space per GPU family, how a shape maps to a
+bucket (token counts are bucketed so a new batch size does not retune), its built-in fallback, and
+how to run and check one config. Launchers ask `config_for(kernel, bucket, fallback)`, which looks
+in shipped JSON (`fused_ops/configs/<device>.json`, then `<family>.json`) and returns the fallback
+when nothing matches.
+
+Environment:
+  FUSED_OPS_FALLBACK_CONFIGS=1   ignore every JSON: built-in fallback configs only (no tuning)
+  FUSED_OPS_CONFIG_DIR=/path     a folder of the user's own JSON, searched before the shipped ones
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+SHARED_LIMIT = {"sm_90": 232448, "sm_100": 232448, "sm_120": 101376, "generic": 101376}
+FAMILIES = tuple(SHARED_LIMIT)
+FAMILY_CC = {"sm_90": 90, "sm_100": 100, "sm_120": 120}
+REGISTERS_PER_SM = 65536
+
+
+def family_of(major: int, minor: int = 0) -> str:
+    if major == 9:
+        return "sm_90"
+    if major == 10:
+        return "sm_100"
+    if major == 12:
+        return "sm_120"
+    return "generic"
+
+
+def device_key(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3' (the shipped file name)."""
+    return "".join(c if c.isalnum() else "_" for c in name.strip())
+
+
+def m_bucket(m: int) -> int:
+    """Token counts round up to a power of two (min 16), so e.g. M=200 and M=256 share a config."""
+    b = 16
+    while b < m:
+        b *= 2
+    return b
+
+
+@dataclass
+class Tunable:
+    """A kernel (or kernel pipeline) whose launch config can be tuned.
+
+    space(family, shape)     candidate configs for that family and shape
+    fits(config, family)     static pruning by that family's shared memory and register budget
+    bucket(shape)            the JSON key a shape's config is stored under
+    fallback(bucket, family) the built-in config (used when no JSON matches; the tuner's baseline)
+    make_run(shape, config)  -> (run, check): run() launches once on CUDA; check() returns the
+                             relative error of that config's output against the reference
+    to_json / parse          config object <-> JSON entry
+    shapes                   default tuning shapes (dicts)
+    """
+    name: str
+    space: Callable[[str, dict], list]
+    fits: Callable[[object, str], bool]
+    bucket: Callable[[dict], str]
+    fallback: Callable[[str, str], object]
+    make_run: Callable
+    to_json: Callable[[object], dict]
+    parse: Callable[[dict], object]
+    shapes: list = field(default_factory=list)
+    tolerance: float = 1e-2
+
+
+TUNABLES: dict[str, Tunable] = {}
+
+
+def register(tunable: Tunable) -> Tunable:
+    TUNABLES[tunable.name] = tunable
+    return tunable
+
+
+def _search_dirs() -> list[str]:
+    user = os.environ.get("FUSED_OPS_CONFIG_DIR")
+    return ([user] if user else []) + [CONFIG_DIR]
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def config_files(device_name: str, family: str) -> list[tuple[str, dict]]:
+    """The JSON files that apply to a device, most specific first: (path, contents)."""
+    found = []
+    for folder in _search_dirs():
+        for stem in (device_key(device_name), family):
+            path = os.path.join(folder, f"{stem}.json")
+            data = _load(path)
+            if data is not None:
+                found.append((path, data))
+    return found
+
+
+_device_lock = threading.Lock()
+_device_cache: dict[int, tuple[str, str]] = {}
+
+
+def current_device() -> tuple[str, str]:
+    """(name, family) of the current CUDA device; ('cpu', 'generic') without one."""
+    import torch
+    if not torch.cuda.is_available():
+        return "cpu", "generic"
+    index = torch.cuda.current_device()
+    with _device_lock:
+        if index not in _device_cache:
+            props = torch.cuda.get_device_properties(index)
+            _device_cache[index] = (props.name, family_of(props.major, props.minor))
+        return _device_cache[index]
+
+
+def lookup(kernel: str, bucket: str, device_name: str, family: str) -> tuple[Optional[dict], str]:
+    """(JSON entry or None, where it came from) for one kernel and bucket on a named device."""
+    if os.environ.get("FUSED_OPS_FALLBACK_CONFIGS") == "1":
+        return None, "fallback (FUSED_OPS_FALLBACK_CONFIGS=1)"
+    for path, data in config_files(device_name, family):
+        entry = data.get("kernels", {}).get(kernel, {}).get(bucket)
+        if entry is not None:
+            return entry, f"{os.path.basename(path)} ({data.get('source', '?')}, triton {data.get('triton', '?')})"
+    return None, "built-in fallback (no JSON entry)"
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve(kernel: str, bucket: str, device_name: str, family: str, fallback: Callable, parse: Callable):
+    entry, _ = lookup(kernel, bucket, device_name, family)
+    return fallback(bucket, family) if entry is None else parse(entry)
+
+
+def config_for(kernel: str, bucket: str, fallback: Callable[[str, str], object], parse: Callable[[dict], object]):
+    """The config a launcher uses now: the JSON entry for this device (then family) parsed by
+    `parse`, else `fallback(bucket, family)`. Cached per (kernel, bucket, device); thread-safe; never tunes.
+    `fallback` and `parse` must be module-level functions (they are part of the cache key)."""
+    name, family = current_device()
+    return _resolve(kernel, bucket, name, family, fallback, parse)
+
+
+def clear_caches() -> None:
+    """Forget loaded JSON and resolved configs (after writing new JSON or changing the env)."""
+    _load.cache_clear()
+    _resolve.cache_clear()
+
+
+def smem_gemm(block_m: int, block_n: int, block_k: int, stages: int, elem_bytes: int = 2) -> int:
+    """Shared memory of a software-pipelined GEMM tile: A and B tiles for each stage (an upper
+    estimate for pruning; the offline compile reads the real figure)."""
+    return (block_m + block_n) * block_k * elem_bytes * stages
+
+
+def registers_ok(config: dict, acc_elems: int) -> bool:
+    """fp32 accumulator per thread must leave room: at most 128 accumulator registers a thread."""
+    threads = 32 * config.get("num_warps", 4)
+    return acc_elems / threads <= 128
