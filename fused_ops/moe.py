@@ -352,15 +352,26 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
     return y
 
 
+def shipped_configs() -> list:
+    """(label, config, compile targets) of every config a launcher can choose: both fallback
+    tables and every entry of the shipped JSON."""
+    configs = [(f"pairs{limit or 'max'}_sm{targets[0]}", cfg, targets)
+               for table, targets in ((CONFIGS_SM90, (90, 100)), (CONFIGS_SMALL_SMEM, (120,)))
+               for limit, cfg in table]
+    configs += [(label, config_from_json(entry), targets)
+                for targets, label, entry in tuning.shipped_entries("moe_experts")]
+    return configs
+
+
 def offline_builds():
-    """Every GEMM config of both tables at the reference shape (bf16 on tensor cores, plus its odd-K
+    """Every shipped GEMM config at the reference shape (bf16 on tensor cores, plus its odd-K
     variant; float32 as launched without tf32), the combine and the routing kernels."""
     from . import moe_align
     from .offline import KernelBuild
     K, H, N = 8320, 4096, 1536                   # FuseMoE's shape: sizes and strides divisible by 16
     divisible = ("K", "H", "N", "stride_xm", "stride_we", "stride_wh", "stride_wn", "stride_be", "stride_hp",
                  "stride_om")
-    tables = ((CONFIGS_SM90, (90, 100)), (CONFIGS_SMALL_SMEM, (120,)))
+    configs = shipped_configs()
     builds = []
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         types = {name: f"*{dt}" for name in ("x_ptr", "w_ptr", "b_ptr", "h_ptr", "out_ptr", "o_ptr", "y_ptr")}
@@ -369,25 +380,23 @@ def offline_builds():
                                                *divisible)})
         common = dict(HAS_BIAS=True, DOT_F32=False, PRECISION=_dot_precision(dtype), stride_xk=1, stride_wk=1,
                       stride_bh=1, stride_bn=1, stride_rj=1)
-        for table, targets in tables:
-            for limit, cfg in table:
-                gemms = (("gemm1", moe_gemm1_kernel, cfg.gemm1, K, {"ACTIVATION": "gelu_tanh"}),
-                         ("gemm2", moe_gemm2_kernel, cfg.gemm2, H, {"ATOMIC": False}))
-                for name, kernel, g, k_dim, flags in gemms:
-                    g = _for_dtype(g, dtype)
-                    for odd in (False, True) if dt == "bf16" else (False,):
-                        constexprs = {k: v for k, v in common.items() if k in kernel.arg_names}
-                        constexprs.update(flags, SWAP_AB=cfg.swap_ab, BLOCK_M=cfg.block_m,
-                                          **_tile_constexprs(g, k_dim + odd))
-                        builds.append(KernelBuild(
-                            f"moe_{name}_{dt}_pairs{limit or 'max'}{'_oddk' if odd else ''}_sm{targets[0]}", kernel,
-                            types, constexprs, num_warps=g.num_warps, num_stages=g.num_stages,
-                            uses_dot=dt == "bf16", targets=targets, divisible=divisible))
+        for label, cfg, targets in configs:
+            gemms = (("gemm1", moe_gemm1_kernel, cfg.gemm1, K, {"ACTIVATION": "gelu_tanh"}),
+                     ("gemm2", moe_gemm2_kernel, cfg.gemm2, H, {"ATOMIC": False}))
+            for name, kernel, g, k_dim, flags in gemms:
+                g = _for_dtype(g, dtype)
+                for odd in (False, True) if dt == "bf16" else (False,):
+                    constexprs = {k: v for k, v in common.items() if k in kernel.arg_names}
+                    constexprs.update(flags, SWAP_AB=cfg.swap_ab, BLOCK_M=cfg.block_m,
+                                      **_tile_constexprs(g, k_dim + odd))
+                    builds.append(KernelBuild(
+                        f"moe_{name}_{dt}_{label}{'_oddk' if odd else ''}", kernel,
+                        types, constexprs, num_warps=g.num_warps, num_stages=g.num_stages,
+                        uses_dot=dt == "bf16", targets=targets, divisible=divisible))
         block_m, block_n = _combine_blocks(N)
         builds.append(KernelBuild(f"moe_combine_{dt}", moe_combine_kernel, types,
                                   dict(BLOCK_M=block_m, BLOCK_N=block_n), divisible=("N",)))
-    block_ms = [cfg.block_m for table, _ in tables for _, cfg in table]
-    return builds + moe_align.offline_builds(block_ms)
+    return builds + moe_align.offline_builds(sorted({cfg.block_m for _, cfg, _ in configs}))
 
 
 @torch.library.custom_op("fused_ops::moe_experts", mutates_args=())

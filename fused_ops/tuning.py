@@ -165,3 +165,18 @@ def registers_ok(config: dict, acc_elems: int) -> bool:
     """fp32 accumulator per thread must leave room: at most 128 accumulator registers a thread."""
     threads = 32 * config.get("num_warps", 4)
     return acc_elems / threads <= 128
+
+
+def shipped_entries(kernel: str) -> list[tuple[tuple, str, dict]]:
+    """Every shipped JSON entry of a kernel: (compile targets, label, entry). The offline compile
+    test builds each one for the targets of its file's family."""
+    import glob
+    out = []
+    for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json"))):
+        data = _load(path)
+        cc = FAMILY_CC.get(data.get("family"))
+        targets = (cc,) if cc else tuple(FAMILY_CC.values())
+        stem = os.path.basename(path)[: -len(".json")]
+        for bucket, entry in sorted(data.get("kernels", {}).get(kernel, {}).items()):
+            out.append((targets, f"{stem}_{bucket}", entry))
+    return out
