@@ -23,6 +23,7 @@ Kernels
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional
 
@@ -38,14 +39,7 @@ ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a route
 ROWS_MAX_M = 16          # up to this many rows, large N also takes the rows kernel (W read once)
 ROWS_WIDE_BLOCK_N = 128  # column block of the rows kernel when N > ROWS_MAX_N
 TILE_BUDGET = 8192       # fp32 values in the widest per-step tile of the rows kernel (registers)
-ROWS_STAGES = 3          # K steps of the rows kernel's loads in flight (latency hiding at small M)
-
-# gemm configs (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), by the first M bucket
-# that holds M; stages drop (and then BLOCK_N halves) until the tiles fit the device's shared memory
-GEMM_CONFIGS = {
-    "16bit": ((64, (64, 128, 64, 8, 4, 4)), (512, (128, 128, 64, 8, 4, 4)), (None, (128, 256, 64, 8, 8, 3))),
-    "fp32": ((None, (64, 64, 32, 8, 4, 3)),),
-}
+ROWS_STAGE_BYTES = 65536  # shared memory for the rows kernel's pipeline: 3 K steps in flight, else 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,10 +62,12 @@ def row_starts(base_ptr, idx, n, stride):
 
 @triton.jit
 def load_k(ptrs, k_ok, EVEN_K: tl.constexpr):
-    """A tile or vector along K, zero past k_stop unless every step is whole (EVEN_K)."""
+    """A tile or vector along K, zero past K unless K is whole steps (EVEN_K: no mask at all)."""
     if EVEN_K:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=k_ok, other=0.0)
+        values = tl.load(ptrs)
+    else:
+        values = tl.load(ptrs, mask=k_ok, other=0.0)
+    return values
 
 
 @triton.jit
@@ -299,18 +295,26 @@ def _prev_pow2(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
+def contiguous_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An optional 1-D parameter with unit stride (kernels index it as ptr + k)."""
+    return None if t is None else t.contiguous()
+
+
 def dot_precision(x: torch.Tensor) -> str:
     """fp32 dots use tf32 only where torch would (SPEC: allow_tf32); other dtypes ignore this."""
     tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
     return "tf32" if tf32 else "ieee"
 
 
-def rows_config(M: int, N: int, K: int, n_sm: int) -> dict:
-    """Block sizes of the rows kernel (and the router), aiming at ~2 programs per SM.
+@functools.lru_cache(maxsize=1024)
+def rows_config(M: int, N: int, K: int, n_sm: int, itemsize: int) -> dict:
+    """Block sizes of the rows kernel (and the router), aiming at ~2 programs per SM. Cached (the
+    launch path is latency at small M): callers must not modify the dict.
 
     N <= ROWS_MAX_N: one column block, so x is read once; rows per program grow with M (the
     weight tile is re-read from L2 once per row block). Wider N: all rows (<= 16) in one block,
-    so W is read once, and the columns split over programs. Blocks of 16+ rows use tl.dot.
+    so W is read once, and the columns split over programs. Blocks of 16+ rows use tl.dot, fewer
+    rows a broadcast product in fp32 registers (no operand rounding).
     """
     programs = 2 * n_sm
     if N <= ROWS_MAX_N:
@@ -319,23 +323,37 @@ def rows_config(M: int, N: int, K: int, n_sm: int) -> dict:
     else:
         block_m = min(ROWS_MAX_M, pow2(M))
         block_n = max(16, min(ROWS_WIDE_BLOCK_N, _prev_pow2(N * triton.cdiv(M, block_m) // programs)))
-    use_dot = block_m >= 16
+    # the broadcast product [BM, BN, BK] must leave K steps of 64+ values (128-byte rows); wide
+    # tiles take tl.dot instead where there are 16 rows to fill one, else fewer rows per program
+    use_dot = block_m >= 16 or (M >= 16 and TILE_BUDGET // (block_m * block_n) < 64)
     if use_dot:
-        block_n = max(16, block_n)
-        block_k = min(256, TILE_BUDGET // block_n)
+        block_m, block_n = max(16, block_m), max(16, block_n)
+        block_k = min(512 // itemsize, TILE_BUDGET // block_n)      # 512-byte row segments per step
     else:
+        block_m = max(1, min(block_m, TILE_BUDGET // (16 * block_n)))
         block_k = min(1024, TILE_BUDGET // (block_m * block_n))
     block_k = max(16, min(block_k, pow2(K)))
     widest = (max(block_m, block_n) if use_dot else block_m * block_n) * block_k   # fp32 values per step
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, STAGES=ROWS_STAGES,
-                num_warps=max(1, min(8, widest // 1024)))
+    stages = 3 if 3 * (block_m + block_n) * block_k * itemsize <= ROWS_STAGE_BYTES else 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, USE_DOT=use_dot,
+                STAGES=stages, num_warps=max(4, min(8, widest // 1024)))
 
 
-def gemm_config(M: int, dtype: torch.dtype, shared_limit: int) -> dict:
-    """The M bucket's config, with stages (then BLOCK_N) cut until the tiles fit shared memory."""
-    buckets = GEMM_CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
-    block_m, block_n, block_k, group_m, warps, stages = next(c for top, c in buckets if top is None or M <= top)
-    size = 4 if dtype == torch.float32 else 2
+@functools.lru_cache(maxsize=1024)
+def gemm_config(M: int, dtype: torch.dtype, cc_major: int, shared_limit: int) -> dict:
+    """Tiles by M bucket and GPU family (a heuristic table; no timing at first call), then stages
+    (and BLOCK_N) cut until the tiles fit the device's shared memory. Every config compiles without
+    spills for sm_90, sm_100 and sm_120 (offline_builds). Cached: callers must not modify the dict."""
+    if dtype == torch.float32:
+        block_m, block_n, block_k, warps, stages = 64, 64, 32, 4, 3
+    elif M <= 64:
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 4
+    elif M <= 512 or cc_major != 9:
+        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 4
+    else:                              # Hopper wgmma: the widest tile whose accumulator fits 8 warps
+        block_m, block_n, block_k, warps, stages = 128, 256, 64, 8, 3
+    group_m = 8
+    size = dtype.itemsize
     # the pipeline's tiles plus ~a stage of headroom for the epilogue's layout conversion
     while (stages + 1) * (block_m + block_n) * block_k * size > shared_limit and block_n > 16:
         if stages > 2:
@@ -347,16 +365,18 @@ def gemm_config(M: int, dtype: torch.dtype, shared_limit: int) -> dict:
 
 
 def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[int, int]:
-    """(slices, k_chunk): split K until ~2 programs per SM, each slice whole BLOCK_K steps."""
-    slices = min(triton.cdiv(2 * sm_count(device), blocks), triton.cdiv(K, block_k))
-    k_chunk = triton.cdiv(triton.cdiv(K, max(1, slices)), block_k) * block_k
+    """(slices, k_chunk): a grid of fewer programs than SMs splits K until ~2 programs per SM,
+    each slice a whole number of BLOCK_K steps."""
+    n_sm = sm_count(device)
+    slices = 1 if blocks >= n_sm else min(triton.cdiv(2 * n_sm, blocks), triton.cdiv(K, block_k))
+    k_chunk = triton.cdiv(triton.cdiv(K, slices), block_k) * block_k
     return triton.cdiv(K, k_chunk), k_chunk
 
 
 def _launch_rows(x, g, b, w, bias, y, eps):
     M, K = x.shape
     N = w.shape[0]
-    cfg = rows_config(M, N, K, sm_count(x.device))
+    cfg = rows_config(M, N, K, sm_count(x.device), x.element_size())
     blocks = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     slices, k_chunk = _k_split(blocks[0] * blocks[1], K, cfg["BLOCK_K"], x.device)
     split = slices > 1
@@ -368,7 +388,7 @@ def _launch_rows(x, g, b, w, bias, y, eps):
         x, g if g is not None else x, b if b is not None else x, w, bias if bias is not None else x, y,
         acc_part, stat_part, col_part, M, N, K, k_chunk, x.stride(0), w.stride(0), y.stride(0), eps,
         HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x), **cfg)
+        DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x), **cfg)
     if split:
         finish_m, finish_n = min(16, pow2(M)), min(128, pow2(N))
         layernorm_linear_finish_kernel[(triton.cdiv(M, finish_m), triton.cdiv(N, finish_n))](
@@ -402,7 +422,7 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> torch.Tensor:
     N, K = w.shape
     sums = torch.empty((2, N), dtype=torch.float32, device=w.device)
     block_n, block_k = 16, min(512, pow2(K, 16))
-    g, b, bias = _vector(ln_weight), _vector(ln_bias), _vector(bias)
+    g, b, bias = contiguous_vector(ln_weight), contiguous_vector(ln_bias), contiguous_vector(bias)
     weight_sums_kernel[(triton.cdiv(N, block_n),)](
         w, g if g is not None else w, b if b is not None else w, bias if bias is not None else w, sums, N, K,
         w.stride(0), HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None,
@@ -416,7 +436,8 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> torch.Tensor:
 def _launch_gemm(x, g, w, sums, y, eps):
     M, K = x.shape
     N = w.shape[0]
-    cfg = gemm_config(M, x.dtype, max_shared_memory(x.device))
+    cc_major = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 9
+    cfg = gemm_config(M, x.dtype, cc_major, max_shared_memory(x.device))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     layernorm_linear_gemm_kernel[grid](
         x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
@@ -424,51 +445,57 @@ def _launch_gemm(x, g, w, sums, y, eps):
         PRECISION=dot_precision(x), **cfg)
 
 
-def _vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.contiguous()
-
-
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
     x2 = rows(x)
-    M, K = x2.shape
-    N = weight.shape[0]
+    M, N = x2.shape[0], weight.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M > 0 and N > 0:
-        w = rows(weight)
-        if N <= ROWS_MAX_N or M <= ROWS_MAX_M:
-            _launch_rows(x2, _vector(ln_weight), _vector(ln_bias), w, _vector(bias), y, eps)
-        else:
-            _launch_gemm(x2, _vector(ln_weight), w, weight_sums(weight, ln_weight, ln_bias, bias), y, eps)
+    g = contiguous_vector(ln_weight)
+    if M == 0 or N == 0:
+        pass
+    elif N <= ROWS_MAX_N or M <= ROWS_MAX_M:
+        _launch_rows(x2, g, contiguous_vector(ln_bias), rows(weight), contiguous_vector(bias), y, eps)
+    else:
+        _launch_gemm(x2, g, rows(weight), weight_sums(weight, ln_weight, ln_bias, bias), y, eps)
     return y.reshape(*x.shape[:-1], N)
+
+
+def divisible_args(**values) -> tuple:
+    """The int args that Triton's JIT would specialise as multiples of 16 for these values."""
+    return tuple(name for name, value in values.items() if value % 16 == 0)
 
 
 def offline_builds():
     from .offline import SHARED_LIMIT, KernelBuild
+    K = 8320
     builds = []
-    for dt in ("bf16", "fp32"):
+    for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         types = {**{n: "i32" for n in ("M", "N", "K", "k_chunk", "stride_x", "stride_w", "stride_y", "n_split")},
                  "eps": "fp32", **{n: f"*{dt}" for n in ("x_ptr", "g_ptr", "b_ptr", "w_ptr", "bias_ptr", "y_ptr")},
                  **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr")}}
-        flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, EVEN_K=False, DOT_UPCAST=False, PRECISION="ieee")
+        flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
         for M, N in ((32, 8), (8192, 8), (8192, 512), (8, 4096)):
-            cfg = rows_config(M, N, 8320, n_sm=132)
+            cfg = dict(rows_config(M, N, K, n_sm=132, itemsize=dtype.itemsize))
             warps = cfg.pop("num_warps")
+            divisible = divisible_args(M=M, N=N, K=K, k_chunk=cfg["BLOCK_K"], stride_x=K, stride_w=K, stride_y=N)
             for split in (False, True):
                 builds.append(KernelBuild(f"ln_linear_rows_{dt}_M{M}_N{N}{'_split' if split else ''}",
-                                          layernorm_linear_rows_kernel, types, {**flags, **cfg, "SPLIT": split},
-                                          num_warps=warps))
+                                          layernorm_linear_rows_kernel, types,
+                                          {**flags, **cfg, "SPLIT": split},
+                                          num_warps=warps, divisible=divisible))
         builds.append(KernelBuild(f"ln_linear_finish_{dt}", layernorm_linear_finish_kernel, types,
                                   dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128)))
         builds.append(KernelBuild(f"ln_linear_weight_sums_{dt}", weight_sums_kernel, types,
-                                  dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, BLOCK_N=16, BLOCK_K=512)))
-        dtype = torch.float32 if dt == "fp32" else torch.bfloat16
+                                  dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, BLOCK_N=16, BLOCK_K=512),
+                                  divisible=divisible_args(N=4096, K=K, stride_w=K)))
         for cc, limit in SHARED_LIMIT.items():
             for M in (64, 512, 8192):
-                cfg = gemm_config(M, dtype, limit)
+                cfg = dict(gemm_config(M, dtype, cc // 10, limit))
                 warps = cfg.pop("num_warps")
                 builds.append(KernelBuild(f"ln_linear_gemm_{dt}_M{M}_sm{cc}", layernorm_linear_gemm_kernel, types,
-                                          dict(HAS_GAMMA=True, EVEN_K=True, DOT_UPCAST=False, PRECISION="ieee",
-                                               **cfg), num_warps=warps, uses_dot=dt == "bf16", targets=(cc,)))
+                                          dict(HAS_GAMMA=True, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_UPCAST=False,
+                                               PRECISION="ieee", **cfg), num_warps=warps, uses_dot=dt == "bf16",
+                                          targets=(cc,), divisible=divisible_args(M=M, N=4096, K=K, stride_x=K,
+                                                                                  stride_w=K, stride_y=4096)))
     return builds
 
 

@@ -16,6 +16,7 @@ Wider E computes the logits with the same kernel tiled over experts, then the un
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -24,8 +25,8 @@ import triton.language as tl
 
 from . import reference
 from ._runtime import dot_upcast, pow2, rows, sm_count, use_triton
-from .layernorm_linear import (_vector, dot_precision, ln_dot_sums, ln_project, ln_stats, row_pivot, row_starts,
-                               rows_config, store_tile)
+from .layernorm_linear import (contiguous_vector, divisible_args, dot_precision, ln_dot_sums, ln_project, ln_stats,
+                               row_pivot, row_starts, rows_config, store_tile)
 from .softmax import LOG2E, _laplace, _softmax_laplace_op
 from .topk import _topk_gating_op, topk_tile
 
@@ -60,9 +61,10 @@ def router_logits_tile(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, row, col, M, E, K, st
 def fused_router_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, weights_ptr, indices_ptr, M, E, K, k, stride_x,
                         stride_w, eps, scale, alpha_scaled, inv_norm, HAS_GAMMA: tl.constexpr,
                         HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr, LAPLACE: tl.constexpr,
-                        RENORMALIZE: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                        PRECISION: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOPK: tl.constexpr):
+                        RENORMALIZE: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
+                        DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_TOPK: tl.constexpr):
     """BLOCK_M rows, all experts; `scale` = log2(e) / temperature."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_E)
@@ -102,68 +104,82 @@ def router_logits_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, logits_ptr, M, E, K
 
 def _logit_args(x, ln_weight, ln_bias, gate_weight, gate_bias, gating):
     """The pointer and flag arguments the two router kernels share."""
-    g, b, wb = _vector(ln_weight), _vector(ln_bias), _vector(gate_bias)
+    g, b, wb = contiguous_vector(ln_weight), contiguous_vector(ln_bias), contiguous_vector(gate_bias)
     pointers = (x, g if g is not None else x, b if b is not None else x, gate_weight, wb if wb is not None else x)
     flags = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=wb is not None,
                  LAPLACE=gating == "laplace", DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x))
     return pointers, flags
 
 
-def _kernel_config(M: int, E: int, K: int, n_sm: int) -> dict:
-    """rows_config's blocks under the router kernels' names (experts are its columns)."""
-    cfg = rows_config(M, E, K, n_sm)
-    cfg["BLOCK_E"] = cfg.pop("BLOCK_N")
-    cfg["EVEN_K"] = K % cfg["BLOCK_K"] == 0
-    return cfg
+@functools.lru_cache(maxsize=1024)
+def _kernel_config(M: int, E: int, K: int, n_sm: int, itemsize: int) -> dict:
+    """rows_config's blocks under the router kernels' names (experts are its columns); cached,
+    callers must not modify the dict."""
+    return {("BLOCK_E" if name == "BLOCK_N" else name): value
+            for name, value in rows_config(M, E, K, n_sm, itemsize).items()}
 
 
-def launch_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps, renormalize,
-                        gating):
+def launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating) -> torch.Tensor:
+    """fp32 gate logits [..., E] (the path for E > MAX_FUSED_E; any E works)."""
     x2 = rows(x)
     w = rows(gate_weight)
     M, K = x2.shape
     E = w.shape[0]
-    pointers, flags = _logit_args(x2, ln_weight, ln_bias, w, gate_bias, gating)
-    cfg = _kernel_config(M, E, K, sm_count(x.device))
+    logits = torch.empty((M, E), dtype=torch.float32, device=x.device)
+    if M > 0:
+        pointers, flags = _logit_args(x2, ln_weight, ln_bias, w, gate_bias, gating)
+        cfg = _kernel_config(M, E, K, sm_count(x.device), x.element_size())
+        router_logits_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(E, cfg["BLOCK_E"]))](
+            *pointers, logits, M, E, K, x2.stride(0), w.stride(0), eps, **flags, **cfg)
+    return logits.reshape(*x.shape[:-1], E)
+
+
+def launch_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps, renormalize,
+                        gating):
+    E = gate_weight.shape[0]
     if E > MAX_FUSED_E:
-        logits = torch.empty((M, E), dtype=torch.float32, device=x.device)
-        if M > 0:
-            router_logits_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(E, cfg["BLOCK_E"]))](
-                *pointers, logits, M, E, K, x2.stride(0), w.stride(0), eps, **flags, **cfg)
-        weights, indices = _topk_gating_op(_softmax_laplace_op(logits, temperature, alpha), k, renormalize)
-    else:
-        weights = torch.empty((M, k), dtype=torch.float32, device=x.device)
-        indices = torch.empty((M, k), dtype=torch.int32, device=x.device)
-        if M > 0:
-            inv_norm = 1.0 / (1.0 + alpha * E)
-            fused_router_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-                *pointers, weights, indices, M, E, K, k, x2.stride(0), w.stride(0), eps, LOG2E / temperature,
-                alpha * inv_norm, inv_norm, **flags, RENORMALIZE=renormalize, BLOCK_TOPK=pow2(k), **cfg)
+        logits = launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating)
+        return _topk_gating_op(_softmax_laplace_op(logits, temperature, alpha), k, renormalize)
+    x2 = rows(x)
+    w = rows(gate_weight)
+    M, K = x2.shape
+    weights = torch.empty((M, k), dtype=torch.float32, device=x.device)
+    indices = torch.empty((M, k), dtype=torch.int32, device=x.device)
+    if M > 0:
+        pointers, flags = _logit_args(x2, ln_weight, ln_bias, w, gate_bias, gating)
+        cfg = _kernel_config(M, E, K, sm_count(x.device), x.element_size())
+        inv_norm = 1.0 / (1.0 + alpha * E)
+        fused_router_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+            *pointers, weights, indices, M, E, K, k, x2.stride(0), w.stride(0), eps, LOG2E / temperature,
+            alpha * inv_norm, inv_norm, **flags, RENORMALIZE=renormalize, BLOCK_TOPK=pow2(k), **cfg)
     out_shape = (*x.shape[:-1], k)
     return weights.reshape(out_shape), indices.reshape(out_shape)
 
 
 def offline_builds():
     from .offline import KernelBuild
+    K = 8320
     builds = []
-    for dt in ("bf16", "fp32"):
+    for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         types = {**{n: f"*{dt}" for n in ("x_ptr", "g_ptr", "b_ptr", "w_ptr", "wb_ptr")},
                  "weights_ptr": "*fp32", "indices_ptr": "*i32", "logits_ptr": "*fp32",
                  **{n: "i32" for n in ("M", "E", "K", "k", "stride_x", "stride_w")},
                  **{n: "fp32" for n in ("eps", "scale", "alpha_scaled", "inv_norm")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
         for M, E, k in ((32, 8, 4), (8192, 8, 4), (32, 512, 8), (8192, 512, 8)):
+            cfg = dict(_kernel_config(M, E, K, n_sm=132, itemsize=dtype.itemsize))
+            warps = cfg.pop("num_warps")
+            divisible = divisible_args(M=M, E=E, K=K, k=k, stride_x=K, stride_w=K)
             for laplace in (False, True):
-                cfg = _kernel_config(M, E, 8320, n_sm=132)
-                warps = cfg.pop("num_warps")
                 builds.append(KernelBuild(f"router_{dt}_M{M}_E{E}{'_laplace' if laplace else ''}",
                                           fused_router_kernel, types,
                                           {**flags, **cfg, "LAPLACE": laplace, "RENORMALIZE": True,
-                                           "BLOCK_TOPK": pow2(k)}, num_warps=warps))
-        cfg = _kernel_config(8192, 1024, 8320, n_sm=132)
+                                           "BLOCK_TOPK": pow2(k)}, num_warps=warps, divisible=divisible))
+        cfg = dict(_kernel_config(8192, 1024, K, n_sm=132, itemsize=dtype.itemsize))
         warps = cfg.pop("num_warps")
         builds.append(KernelBuild(f"router_logits_{dt}_E1024", router_logits_kernel, types,
-                                  {**flags, **cfg, "LAPLACE": True}, num_warps=warps))
+                                  {**flags, **cfg, "LAPLACE": True}, num_warps=warps,
+                                  divisible=divisible_args(M=8192, E=1024, K=K, stride_x=K, stride_w=K)))
     return builds
 
 

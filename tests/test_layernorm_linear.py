@@ -1,0 +1,193 @@
+"""layernorm_linear against the float64 reference, on every kernel path: the rows kernel (broadcast
+and tl.dot tiles, split-K with its finish kernel, wide N) and the gemm kernel with its cached
+column sums. Which kernels ran is recorded, so the case list provably covers each path."""
+import importlib
+
+import pytest
+import torch
+
+import fused_ops
+from fused_ops import reference
+
+from conftest import DEVICE, DTYPES, ON_GPU, assert_close, pick, rand
+
+LN = importlib.import_module("fused_ops.layernorm_linear")
+KERNELS = ("layernorm_linear_rows_kernel", "layernorm_linear_finish_kernel", "layernorm_linear_gemm_kernel",
+           "weight_sums_kernel")
+
+# (x shape, N, kernels expected; the gemm's weight_sums kernel runs only on a cache miss, so it is
+# left out). On CPU the interpreter reports 4 SMs, so ~8 programs fill it: that picks the paths below.
+CASES = [
+    ((3, 7), 8, {"rows"}),                       # broadcast tiles, one K step
+    ((1, 1), 2, {"rows"}),                       # K = 1: LN(x) = beta exactly
+    ((2, 1023), 64, {"rows", "finish"}),         # 2 rows cannot fill the GPU: K split over programs
+    ((130, 100), 16, {"rows"}),                  # 16-row blocks: tl.dot tiles
+    ((5, 300), 600, {"rows"}),                   # few rows, wide N: columns split, W read once
+    ((40, 200), 520, {"gemm"}),                  # gemm, K and N tails
+    ((33, 128), 600, {"gemm"}),                  # gemm, K a whole number of steps
+    ((0, 16), 8, set()),
+    ((2, 3, 50), 7, {"rows"}),                   # leading dims
+] + pick([], [
+    ((8193, 8320), 8, {"rows"}),                 # 16-row tl.dot tiles, as at M = 8192
+    ((32, 8320), 8, {"rows", "finish"}),
+    ((1, 8320), 512, {"rows", "finish"}),
+    ((8, 8320), 4096, {"rows"}),
+    ((4097, 1023), 4096, {"gemm"}),
+    ((300, 8320), 1000, {"gemm"}),
+])
+AFFINE = ["gamma, beta, bias", "none", "gamma, bias"]
+
+
+def _inputs(shape, N, dtype, affine="gamma, beta, bias", mean=0.0, std=1.0):
+    K = shape[-1]
+    x = (mean + std * torch.randn(*shape, device=DEVICE)).to(dtype)
+    g = rand(K, dtype=dtype) if "gamma" in affine else None
+    b = rand(K, dtype=dtype) if "beta" in affine else None
+    w = rand(N, K, dtype=dtype, scale=K ** -0.5)            # nn.Linear-sized weights: outputs O(1)
+    bias = rand(N, dtype=dtype) if "bias" in affine else None
+    return x, g, b, w, bias
+
+
+def _oracle(x, g, b, w, bias):
+    up = lambda t: None if t is None else t.double()       # noqa: E731
+    return reference.layernorm_linear(x.double(), up(g), up(b), w.double(), up(bias))
+
+
+class _KernelLog:
+    """Wraps the module's kernels to record which ones a call launched."""
+
+    def __init__(self, monkeypatch):
+        self.names = set()
+        for name in KERNELS:
+            monkeypatch.setattr(LN, name, self._spy(getattr(LN, name), name))
+
+    def _spy(self, kernel, name):
+        log = self.names
+
+        class Spy:
+            def __getitem__(self, grid):
+                log.add(name.replace("layernorm_linear_", "").replace("_kernel", ""))
+                return kernel[grid]
+        return Spy()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_reference(monkeypatch, dtype, case):
+    shape, N, expected = CASES[case]
+    x, g, b, w, bias = _inputs(shape, N, dtype, AFFINE[case % len(AFFINE)])
+    log = _KernelLog(monkeypatch)
+    y = fused_ops.layernorm_linear(x, g, b, w, bias)
+    assert y.shape == (*shape[:-1], N) and y.dtype == dtype
+    assert log.names - {"weight_sums"} == expected
+    assert_close(y, _oracle(x, g, b, w, bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, N", [((3, 1023), 8), ((2, 1023), 64), ((130, 100), 16), ((40, 200), 520)]
+                         + pick([], [((64, 8320), 4096), ((4097, 8320), 8)]))
+def test_large_mean_tiny_spread(dtype, shape, N):
+    """x = 1000 + small noise: E[x^2] - E[x]^2 and x @ W^T lose every digit in fp32 here; the pivot
+    shift keeps fp32 at fp32 accuracy. 16-bit x cannot hold 1000 + 0.01 noise: spread 1 there."""
+    std = 0.01 if dtype == torch.float32 else 1.0
+    x, g, b, w, bias = _inputs(shape, N, dtype, mean=1000.0, std=std)
+    assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), _oracle(x, g, b, w, bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, N", [((3, 3000), 8), ((2, 1023), 64), ((130, 600), 16), ((40, 1000), 520)])
+def test_pivot_far_from_the_mean(dtype, shape, N):
+    """The pivot is the mean of a row's first K step; shifting the first quarter of each row puts it
+    far from the row mean, so every term in d = mean - pivot must be right."""
+    x, g, b, w, bias = _inputs(shape, N, dtype)
+    x[:, : shape[-1] // 4] += 3.0
+    assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), _oracle(x, g, b, w, bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, N", [((3, 300), 8), ((40, 200), 520)])
+def test_constant_rows(dtype, shape, N):
+    """var = 0: rstd = 1/sqrt(eps) amplifies any rounding of x - mean; the output must be W @ beta + b."""
+    x, g, b, w, bias = _inputs(shape, N, dtype)
+    x[0] = 1234.5
+    x[-1] = -3.0
+    y = fused_ops.layernorm_linear(x, g, b, w, bias)
+    expected = (w.double() @ b.double() + bias.double()).to(dtype)
+    assert_close(y[0], expected, dtype)
+    assert_close(y[-1], expected, dtype)
+    assert_close(y, _oracle(x, g, b, w, bias), dtype)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")     # the interpreter's numpy: inf - inf
+@pytest.mark.parametrize("shape, N", [((5, 100), 8), ((40, 200), 520)])
+def test_non_finite_rows_stay_in_their_rows(shape, N):
+    """NaN or +-inf anywhere in a row (the pivot's first step included) makes that row NaN, as
+    LayerNorm does; the other rows are untouched."""
+    x, g, b, w, bias = _inputs(shape, N, torch.float32)
+    x[1, 37] = float("nan")
+    x[2, 0] = float("inf")
+    x[3, 77] = float("-inf")
+    y = fused_ops.layernorm_linear(x, g, b, w, bias)
+    assert torch.isnan(y[1:4]).all()
+    assert_close(y, _oracle(x, g, b, w, bias), torch.float32)     # NaN pattern equal, the rest close
+
+
+@pytest.mark.parametrize("N", [24, 520])
+def test_noncontiguous_inputs(N):
+    K = 70
+    x = rand(K, 33).t()
+    g, b = rand(2 * K)[::2], rand(K)
+    w = rand(K, N, scale=K ** -0.5).t()
+    bias = rand(2 * N)[1::2]
+    assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), _oracle(x, g, b, w, bias), torch.float32)
+
+
+def test_gemm_column_sums_follow_in_place_updates():
+    """The gemm's W @ gamma and W @ beta + b are cached per weight version: any in-place change of
+    the four tensors must show in the next call, and fresh inference tensors are never cached."""
+    x, g, b, w, bias = _inputs((40, 64), 520, torch.float32)
+    for update in (lambda: None, lambda: w.mul_(2), lambda: g.add_(1), lambda: b.neg_(), lambda: bias.add_(3)):
+        update()
+        assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), _oracle(x, g, b, w, bias), torch.float32)
+    with torch.inference_mode():
+        w2 = w.clone()
+        assert_close(fused_ops.layernorm_linear(x, g, b, w2, bias), _oracle(x, g, b, w2, bias), torch.float32)
+        w2.mul_(-1)
+        assert_close(fused_ops.layernorm_linear(x, g, b, w2, bias), _oracle(x, g, b, w2, bias), torch.float32)
+
+
+def test_eps():
+    x, g, b, w, bias = _inputs((5, 40), 8, torch.float32, std=0.01)
+    y = fused_ops.layernorm_linear(x, g, b, w, bias, eps=0.1)
+    assert_close(y, reference.layernorm_linear(x.double(), g.double(), b.double(), w.double(), bias.double(),
+                                               eps=0.1), torch.float32)
+
+
+def test_errors():
+    x, g, b, w, bias = _inputs((3, 16), 8, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        fused_ops.layernorm_linear(x, g, b, rand(8, 15), bias)
+    with pytest.raises(TypeError, match="ln_weight"):
+        fused_ops.layernorm_linear(x, g.half(), b, w, bias)
+    with pytest.raises(ValueError, match="eps"):
+        fused_ops.layernorm_linear(x, g, b, w, bias, eps=0.0)
+
+
+@pytest.mark.parametrize("N, affine", [(8, "gamma, beta, bias"), (520, "none")])
+def test_opcheck(N, affine):
+    x, g, b, w, bias = _inputs((20, 32), N, torch.float32, affine)
+    torch.library.opcheck(torch.ops.fused_ops.layernorm_linear.default, (x, g, b, w, bias, 1e-5))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="tf32 is a GPU mode")
+def test_tf32_only_when_allowed():
+    x, g, b, w, bias = _inputs((300, 1023), 1000, torch.float32)
+    ref = _oracle(x, g, b, w, bias)
+    assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), ref, torch.float32)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), ref, torch.float32,
+                     table={torch.float32: 1e-3})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
