@@ -66,3 +66,9 @@ def max_shared_memory(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRET_SHARED_MEMORY
     return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: float32 gets tf32 only where torch would use it (SPEC: Dtypes);
+    16-bit operands are exact in either mode."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"

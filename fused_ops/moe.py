@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import reference, tuning
-from ._runtime import TL_DTYPE, dot_upcast, use_triton
+from ._runtime import TL_DTYPE, dot_precision, dot_upcast, use_triton
 from .moe_align import launch_moe_align
 
 ATOMIC_ENV = "FUSED_OPS_MOE_ATOMIC"
@@ -286,11 +286,6 @@ def _for_dtype(g: GemmConfig, dtype: torch.dtype) -> GemmConfig:
     return replace(g, block_k=32, block_n=32, num_warps=8, num_stages=3)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get tf32 only where torch would use it (SPEC: Dtypes)
-    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _tile_constexprs(g: GemmConfig, k_dim: int) -> dict:
     return dict(EVEN_K=k_dim % g.block_k == 0, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m)
 
@@ -318,7 +313,7 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
     g1, g2 = _for_dtype(cfg.gemm1, x.dtype), _for_dtype(cfg.gemm2, x.dtype)
     pairs, tile_bucket = launch_moe_align(indices, E, cfg.block_m)
     n_tiles = tile_bucket.numel()
-    common = dict(SWAP_AB=cfg.swap_ab, DOT_F32=dot_upcast(x), PRECISION=_dot_precision(x.dtype),
+    common = dict(SWAP_AB=cfg.swap_ab, DOT_F32=dot_upcast(x), PRECISION=dot_precision(x.dtype),
                   BLOCK_M=cfg.block_m)
 
     h = torch.empty((n_pairs, H), dtype=x.dtype, device=x.device)
@@ -378,7 +373,7 @@ def offline_builds():
         types.update({"pairs_ptr": "*i32", "tile_bucket_ptr": "*i32", "rw_ptr": "*fp32"})
         types.update({name: "i32" for name in ("n_pairs", "top_k", "n_experts", "n_tiles", "M", "stride_rm",
                                                *divisible)})
-        common = dict(HAS_BIAS=True, DOT_F32=False, PRECISION=_dot_precision(dtype), stride_xk=1, stride_wk=1,
+        common = dict(HAS_BIAS=True, DOT_F32=False, PRECISION=dot_precision(dtype), stride_xk=1, stride_wk=1,
                       stride_bh=1, stride_bn=1, stride_rj=1)
         for label, cfg, targets in configs:
             gemms = (("gemm1", moe_gemm1_kernel, cfg.gemm1, K, {"ACTIVATION": "gelu_tanh"}),

@@ -1,6 +1,7 @@
 """Test mode: the real Triton kernels on CUDA when a GPU is present, else on CPU through the
 Triton interpreter (TRITON_INTERPRET must be set before triton is first imported)."""
 import os
+import zlib
 
 import torch  # torch does not import triton, so the flag below still takes effect
 
@@ -72,5 +73,5 @@ def assert_topk_match(indices, values_ref, indices_ref, rtol=1e-6):
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # a fresh but reproducible stream per test: the failing seed is in the test id
-    torch.manual_seed(hash(request.node.nodeid) & 0xFFFFFFFF)
+    # a different stream per test, the same on every run (crc32, unlike hash(), is not salted)
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
