@@ -5,27 +5,41 @@ scores[q, n] = sum_{i < q_len[q]} max_{j < len[n]} <Q[q, i], D[n, j]>   (divided
 How the work is laid out
 - Rows (the M dim of the dot): the query tokens of the whole call are flattened. A row block of
   BLOCK_Q rows holds `qpb` whole queries when Lq <= BLOCK_Q (row r -> query r // Lq), or one
-  BLOCK_Q-token slice ("split") of one query when Lq > BLOCK_Q; a program loops over a query's
-  splits itself, so each score is finished in one program (no partial buffers, deterministic).
-- Documents: a program takes a group of GROUP consecutive documents. A document is a start row and
-  a real length (padded: n * D.stride(0) and d_lengths[n]; packed: doc_offsets[n] and
+  BLOCK_Q-token slice ("split") of one query when Lq > BLOCK_Q. Splits are row blocks of their
+  own: each writes its partial sums to a [n_splits, Nq, Nd] buffer that the launcher adds up in
+  a fixed order (deterministic; only queries longer than BLOCK_Q pay for it).
+- Documents: a program takes a group of `group` consecutive documents. A document is a start row
+  and a real length (padded: n * D.stride(0) and d_lengths[n]; packed: doc_offsets[n] and
   offsets[n + 1] - offsets[n]), so both layouts share the kernel. Only real tokens are read, in
   BLOCK_D chunks; the chunks of a program's documents form one flat loop, so the load pipeline
   runs across document boundaries. S = Q_rows @ chunk^T stays on chip (fp32 accumulation, bf16/fp16
   operands as they are); columns past the length become -inf before the running row max, and
   rows of absent query tokens add 0 to the per-query sums (never -inf * 0).
-- Grid: document groups x query groups, query groups fastest, so the programs that read one
+- Tokens are rows of d contiguous elements and every offset is a whole number of rows, so the
+  compiler sees each address as a multiple of d and copies chunks to shared memory in 16-byte
+  pieces whenever d is a multiple of 8 (other d take a small tile, see _family).
+- Grid: document groups x row blocks, row blocks fastest, so the programs that read one
   document group run side by side and D comes from HBM about once per call (repeats hit L2).
-- maxsim_topk: GROUP grows to hundreds of documents; a program keeps its group's scores in
+- maxsim_topk: groups grow to hundreds of documents; a program keeps its group's scores in
   registers and writes only their top k per query (ties to the lower index, NaN last); a
   ranked_topk over the [Nq, groups * k] candidates picks the final k. The [Nq, Nd] scores are
-  never written.
+  never written (unless k > group / 2 or a query is longer than BLOCK_Q).
 - Lengths and offsets are clamped to the tensor they index, so bad values (unchecked during
   CUDA-graph capture) can give wrong scores but never read out of bounds.
+
+Compiler notes (triton 3.6 and 3.9; fused_ops.offline builds every tile the launcher picks)
+- The chunk loop is the kernel's only loop: a loop over splits around the pipelined chunk loop
+  cost 50-90 registers and made ptxas spill, so splits went to the grid.
+- Padding is masked on every chunk: a full-chunk shortcut (an `if` whose branches read the dot
+  result) makes triton 3.6's Hopper pipeliner fail ("PassManager::run failed" in
+  TritonGPUPipeline) for wgmma dots.
+- Values wanted only after the loop are computed after it (see the end of the kernel): ptxas
+  spills values that live through the loop unused to stay within a register-occupancy step.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,9 +51,10 @@ from . import reference
 from ._runtime import TL_DTYPE, dot_upcast, pow2, use_triton
 from .topk import topk_tile
 
-MAX_TILE_ELEMS = 256 * 128        # BLOCK_Q * BLOCK_K of the query tile (64 KB in bf16)
-MAX_SCORE_TILE = 4096             # QPB_PAD * GROUP: the register tile of one program's scores
-MAX_TOPK_GROUP = 1024             # documents per program on the top-k path
+MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, QPB_PAD] ownership tile)
+SCORE_GROUP = 16                  # documents per program on the scoring path, at most
+TOPK_TILE_PER_THREAD = 16         # QPB_PAD * GROUP / threads: the top-k path's score tile in registers
+MAX_TOPK_GROUP = 1024             # documents per program on the top-k path, at most
 SMEM_SLACK = 4096                 # shared memory Triton needs besides the tiles (reduction scratch)
 
 
@@ -47,15 +62,15 @@ SMEM_SLACK = 4096                 # shared memory Triton needs besides the tiles
 # Kernel
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _doc_span(span_ptr, n, live, n_tokens, stride_dn, stride_dt, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr):
+def _doc_span(span_ptr, n, live, n_tokens, d_rows, DIM: tl.constexpr, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr):
     """(offset of the first element, real length) of document(s) n, clamped to the tensor; 0 where not live."""
     if PACKED:
         start = tl.minimum(tl.maximum(tl.load(span_ptr + n, mask=live, other=0).to(tl.int64), 0), n_tokens)
         end = tl.minimum(tl.maximum(tl.load(span_ptr + n + 1, mask=live, other=0).to(tl.int64), start), n_tokens)
-        first = start * stride_dt
+        first = start * DIM
         length = (end - start).to(tl.int32)
     else:
-        first = n.to(tl.int64) * stride_dn
+        first = n.to(tl.int64) * d_rows * DIM
         if HAS_SPAN:
             length = tl.minimum(tl.maximum(tl.load(span_ptr + n, mask=live, other=0).to(tl.int32), 0), n_tokens)
         else:
@@ -65,35 +80,29 @@ def _doc_span(span_ptr, n, live, n_tokens, stride_dn, stride_dt, PACKED: tl.cons
 
 @triton.jit
 def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
-                  n_queries, n_docs, q_tokens, n_tokens, lq_tile, qpb, k,
-                  stride_qn, stride_ql, stride_dn, stride_dt, stride_on,
+                  n_queries, n_docs, q_tokens, n_tokens, lq_tile, qpb, n_splits, group, k, q_rows, d_rows,
+                  stride_os, stride_on,
                   DIM: tl.constexpr, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr, HAS_Q_LEN: tl.constexpr,
                   MEAN: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_K: tl.constexpr, QPB_PAD: tl.constexpr, GROUP: tl.constexpr, K_PAD: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One program: GROUP documents x one query group (qpb queries, all their splits).
+    """One program: `group` (<= GROUP) documents x one row block (qpb queries, or one split).
 
-    n_tokens: the padded length Ld, or the row count T of the packed layout.
-    The chunks of all GROUP documents form one flat loop; the (document, offset) of the next chunk
-    does not depend on the dot, so the loads of later chunks are in flight while this one is scored.
-    An empty document takes one fully masked chunk, which leaves its row maxima at -inf.
+    n_tokens: the padded length Ld, or the row count T of the packed layout. q_rows, d_rows: the
+    batch strides of Q and padded D in rows of DIM elements. stride_os: the stride of out's split
+    dim ([n_splits, Nq, Nd] partial sums; n_splits = 1 unless Lq > BLOCK_Q).
+    The chunks of all the group's documents form one flat loop; the (document, offset) of the next
+    chunk does not depend on the dot, so the loads of later chunks are in flight while this one is
+    scored. An empty document takes one fully masked chunk, which leaves its row maxima at -inf.
     TOPK: write the group's top k per query to (out, idx) [Nq, groups * k] instead of all scores.
     """
-    n_qgroups = tl.cdiv(n_queries, qpb)
-    qg = tl.program_id(0) % n_qgroups
-    dg = tl.program_id(0) // n_qgroups
+    n_blocks = tl.cdiv(n_queries, qpb) * n_splits
+    block = tl.program_id(0) % n_blocks
+    dg = tl.program_id(0) // n_blocks
+    qg = block // n_splits
+    split = block % n_splits
     k_off = tl.arange(0, BLOCK_K)
     t_off = tl.arange(0, BLOCK_D)
-
-    # the queries of this group: one lane each
-    jq = tl.arange(0, QPB_PAD)
-    query_q = qg * qpb + jq
-    live_q = (jq < qpb) & (query_q < n_queries)
-    if HAS_Q_LEN:
-        len_q = tl.minimum(tl.maximum(tl.load(q_len_ptr + query_q, mask=live_q, other=0).to(tl.int32), 0), q_tokens)
-    else:
-        len_q = tl.where(live_q, q_tokens, 0)
-    n_splits = tl.cdiv(tl.max(len_q, axis=0), lq_tile)
 
     # the rows: row r is token (split * lq_tile + r % lq_tile) of local query r // lq_tile
     r = tl.arange(0, BLOCK_Q)
@@ -104,49 +113,58 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
         len_r = tl.minimum(tl.maximum(tl.load(q_len_ptr + query_r, mask=live_r, other=0).to(tl.int32), 0), q_tokens)
     else:
         len_r = tl.where(live_r, q_tokens, 0)
-    row_ptr = q_ptr + query_r.to(tl.int64) * stride_qn
-    owner = j[:, None] == jq[None, :]                       # [BLOCK_Q, QPB_PAD]: row r belongs to query j
+    tok_q = split * lq_tile + (r - j * lq_tile)
+    row_ok = tok_q < len_r
+    q_row = query_r.to(tl.int64) * q_rows + tok_q
+    q = tl.load(q_ptr + q_row[:, None] * DIM + k_off[None, :], mask=row_ok[:, None] & (k_off[None, :] < DIM),
+                other=0.0)
+    rows_of = (j[:, None] == tl.arange(0, QPB_PAD)[None, :]) & row_ok[:, None]   # [BLOCK_Q, QPB_PAD]: r adds to j
 
-    # the documents of this group, and their chunk count
-    n0 = dg * GROUP
-    n_end = tl.minimum(n_docs, n0 + GROUP)
+    # the documents of this group, and their chunk count (none when a split is past every query's end)
+    n0 = dg * group
+    n_end = tl.minimum(n_docs, n0 + group)
     col = tl.arange(0, GROUP)
-    live_doc = n0 + col < n_end
-    _, len_all = _doc_span(span_ptr, n0 + col, live_doc, n_tokens, stride_dn, stride_dt, PACKED, HAS_SPAN)
+    live_doc = col < n_end - n0
+    _, len_all = _doc_span(span_ptr, n0 + col, live_doc, n_tokens, d_rows, DIM, PACKED, HAS_SPAN)
     n_chunks = tl.sum(tl.where(live_doc, tl.maximum(tl.cdiv(len_all, BLOCK_D), 1), 0), axis=0)
+    n_chunks = tl.where(tl.max(row_ok.to(tl.int32), axis=0) > 0, n_chunks, 0)
 
+    # (first element, tokens left) of the current document's next chunk
+    n = n0
+    first, length = _doc_span(span_ptr, n, n < n_end, n_tokens, d_rows, DIM, PACKED, HAS_SPAN)
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     acc = tl.zeros([QPB_PAD, GROUP], tl.float32)
-    for split in range(0, n_splits):
-        tok_q = split * lq_tile + (r - j * lq_tile)
-        row_ok = tok_q < len_r
-        q = tl.load(row_ptr[:, None] + tok_q[:, None] * stride_ql + k_off[None, :],
-                    mask=row_ok[:, None] & (k_off[None, :] < DIM), other=0.0)
-        n = n0
-        c0 = 0
-        first, length = _doc_span(span_ptr, n, n < n_end, n_tokens, stride_dn, stride_dt, PACKED, HAS_SPAN)
-        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-        for _step in range(0, n_chunks):
-            tok = c0 + t_off
-            chunk = tl.load(d_ptr + first + tok.to(tl.int64)[:, None] * stride_dt + k_off[None, :],
-                            mask=(tok[:, None] < length) & (k_off[None, :] < DIM), other=0.0)
-            if UPCAST:
-                sim = tl.dot(q.to(tl.float32), tl.trans(chunk.to(tl.float32)), input_precision="ieee")
-            else:
-                sim = tl.dot(q, tl.trans(chunk), input_precision=PRECISION)
-            if c0 + BLOCK_D <= length:                       # a full chunk needs no mask
-                m = tl.maximum(m, tl.max(sim, axis=1))
-            else:
-                m = tl.maximum(m, tl.max(tl.where(tok[None, :] < length, sim, float("-inf")), axis=1))
-            last = c0 + BLOCK_D >= length
-            if last:                                         # add up the document's rows per query
-                per_query = tl.sum(tl.where(owner & row_ok[:, None], m[:, None], 0.0), axis=0)
-                acc = tl.where(col[None, :] == n - n0, acc + per_query[:, None], acc)
-                m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-            n += last.to(tl.int32)
-            c0 = tl.where(last, 0, c0 + BLOCK_D)
-            first, length = _doc_span(span_ptr, n, n < n_end, n_tokens, stride_dn, stride_dt, PACKED, HAS_SPAN)
-    if MEAN:
-        acc = acc / tl.maximum(len_q, 1).to(tl.float32)[:, None]
+    for _step in range(0, n_chunks):
+        real = t_off < length                                   # the chunk's real (unpadded) tokens
+        chunk = tl.load(d_ptr + first + (t_off[:, None] * DIM + k_off[None, :]),
+                        mask=real[:, None] & (k_off[None, :] < DIM), other=0.0)
+        if UPCAST:
+            sim = tl.dot(q.to(tl.float32), tl.trans(chunk.to(tl.float32)), input_precision="ieee")
+        else:
+            sim = tl.dot(q, tl.trans(chunk), input_precision=PRECISION)
+        m = tl.maximum(m, tl.max(tl.where(real[None, :], sim, float("-inf")), axis=1))
+        last = length <= BLOCK_D
+        if last:                                                # add up the document's rows per query
+            per_query = tl.sum(tl.where(rows_of, m[:, None], 0.0), axis=0)
+            acc = tl.where(col[None, :] == n - n0, acc + per_query[:, None], acc)
+            m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        n += last.to(tl.int32)
+        next_first, next_length = _doc_span(span_ptr, n, n < n_end, n_tokens, d_rows, DIM, PACKED, HAS_SPAN)
+        first = tl.where(last, next_first, first + BLOCK_D * DIM)
+        length = tl.where(last, next_length, length - BLOCK_D)
+
+    # wanted from here on only, so made here (the live documents in another form than before the
+    # loop, which the compiler would merge): values kept through the loop make ptxas spill
+    jq = tl.arange(0, QPB_PAD)
+    query_q = qg * qpb + jq
+    live_q = (jq < qpb) & (query_q < n_queries)
+    live_doc = n0 + col < n_end
+    if MEAN:                                                    # each split's share of the mean
+        if HAS_Q_LEN:
+            len_q = tl.minimum(tl.maximum(tl.load(q_len_ptr + query_q, mask=live_q, other=1).to(tl.int32), 1), q_tokens)
+            acc = acc / len_q.to(tl.float32)[:, None]
+        else:
+            acc = acc / q_tokens
 
     if TOPK:
         values, local = topk_tile(acc, col[None, :], live_doc[None, :], k, K_PAD)
@@ -156,7 +174,7 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
         tl.store(out_ptr + dst, values, mask=ok)
         tl.store(idx_ptr + dst, n0 + local.to(tl.int64), mask=ok)
     else:
-        dst = query_q.to(tl.int64)[:, None] * stride_on + n0 + col[None, :]
+        dst = split.to(tl.int64) * stride_os + query_q.to(tl.int64)[:, None] * stride_on + n0 + col[None, :]
         tl.store(out_ptr + dst, acc, mask=live_q[:, None] & live_doc[None, :])
 
 
@@ -164,10 +182,18 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
 # Launcher
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MaxSimConfig:
+class Tile:
+    """A kernel build's blocking (its other constexprs follow the shape)."""
     block_q: int        # query-token rows per program (M of the dot)
     block_d: int        # document tokens per chunk (N of the dot)
-    group: int          # documents per program
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class MaxSimConfig:
+    block_q: int        # as in Tile
+    block_d: int
+    group: int          # documents per program (a runtime value; GROUP is its compile-time bound)
     num_warps: int
     num_stages: int
 
@@ -178,16 +204,52 @@ class _Rows:
     lq_tile: int        # tokens of one query per block
     qpb: int            # queries per block
     n_qgroups: int
+    n_splits: int       # blocks per query group
 
     @classmethod
     def of(cls, block_q: int, n_queries: int, q_tokens: int) -> "_Rows":
         lq_tile = min(q_tokens, block_q)
-        qpb = block_q // lq_tile
-        return cls(lq_tile, qpb, triton.cdiv(n_queries, qpb))
+        qpb = min(MAX_QPB, block_q // lq_tile)
+        return cls(lq_tile, qpb, triton.cdiv(n_queries, qpb), triton.cdiv(q_tokens, lq_tile))
 
     @property
     def qpb_pad(self) -> int:
         return pow2(self.qpb)
+
+    @property
+    def n_blocks(self) -> int:
+        """Row blocks: query groups x the splits of each (one split unless Lq > BLOCK_Q)."""
+        return self.n_qgroups * self.n_splits
+
+
+def _family(dtype: torch.dtype, dim: int) -> tuple[int, list[Tile]]:
+    """(the largest d of dim's tile family, the family's tiles, smallest first); shared memory and
+    stages are sized for that largest d, so a tile builds alike for every d it serves.
+
+    16-bit rows that are a multiple of 16 bytes (d % 8 == 0) run on tensor cores with tall query
+    blocks (up to 256 rows), so each byte of D read from L2 feeds many rows; 64-token chunks (32
+    when d > 128). Other d cannot be copied to shared memory in 16-byte pieces: the loads go
+    through registers, so the tile stays small. float32 (FMA unless tf32 is allowed) keeps one
+    32 x 32 tile.
+    """
+    if dtype == torch.float32:
+        return 256, [Tile(32, 32, 4)]
+    if dim % 8:
+        return 255, [Tile(32, 16, 4)]
+    if dim <= 128:
+        return 128, [Tile(32, 64, 2), Tile(64, 64, 4), Tile(128, 64, 8), Tile(256, 64, 8)]
+    return 256, [Tile(32, 32, 2), Tile(64, 32, 4), Tile(128, 32, 8)]
+
+
+def _stages(tile: Tile, max_dim: int, dtype: torch.dtype, smem_limit: int) -> int:
+    """A third load stage where the query tile and three chunk buffers fit in shared memory."""
+    tiles = dtype.itemsize * pow2(max_dim, 16) * (tile.block_q + 3 * tile.block_d)
+    return 3 if tiles <= smem_limit - SMEM_SLACK else 2
+
+
+def topk_group_bound(tile: Tile, qpb_pad: int) -> int:
+    """GROUP on the top-k path: the documents whose scores a program holds for qpb_pad queries."""
+    return min(MAX_TOPK_GROUP, TOPK_TILE_PER_THREAD * 32 * tile.num_warps // qpb_pad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,43 +261,25 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 101376)
 
 
-def _pow2_floor(n: int) -> int:
-    return 1 << max(0, n.bit_length() - 1)
-
-
-def _pick_block_q(n_queries: int, q_tokens: int, sizes) -> int:
+def _pick_tile(n_queries: int, q_tokens: int, tiles: list[Tile]) -> Tile:
     """Fewest padded rows, weighted towards tall blocks (each block re-reads D from L2)."""
-    def cost(bq):
-        rows = _Rows.of(bq, n_queries, q_tokens)
-        return rows.n_qgroups * triton.cdiv(q_tokens, rows.lq_tile) * bq * (1 + 16 / bq)
-    return min(sizes, key=cost)
+    def cost(tile):
+        return _Rows.of(tile.block_q, n_queries, q_tokens).n_blocks * tile.block_q * (1 + 16 / tile.block_q)
+    return min(tiles, key=cost)
 
 
 def choose_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
                   sms: int, smem_limit: int, k: Optional[int] = None) -> MaxSimConfig:
-    """Block sizes from the shape and the device; `k` asks for the top-k path's large groups.
-
-    16-bit inputs run on tensor cores with tall query blocks (up to 256 rows), so each byte of D
-    read from L2 feeds many rows. float32 (FMA unless tf32 is allowed) keeps 32-row tiles, which
-    do not spill. A third load stage is used where the shared memory of the device allows it.
-    """
-    block_k = pow2(dim, 16)
-    wide = dtype == torch.float32
-    sizes = [bq for bq in ((32, 16) if wide else (256, 128, 64, 32, 16)) if bq * block_k <= MAX_TILE_ELEMS]
-    block_q = _pick_block_q(n_queries, q_tokens, sizes)
-    rows = _Rows.of(block_q, n_queries, q_tokens)
-    block_d = 32 if wide or block_k > 128 else 64
-    work = n_docs * rows.n_qgroups                 # (document, query group) pairs
-    cap = MAX_SCORE_TILE // rows.qpb_pad
-    if k is None:           # ~8 programs per SM, at most 16 documents each
-        group = min(16, cap, _pow2_floor(work // (8 * sms)))
+    """Block sizes from the shape and the device; `k` asks for the top-k path's large groups."""
+    max_dim, tiles = _family(dtype, dim)
+    tile = _pick_tile(n_queries, q_tokens, tiles)
+    rows = _Rows.of(tile.block_q, n_queries, q_tokens)
+    work = n_docs * rows.n_blocks                  # (document, row block) pairs
+    if k is None:           # ~8 programs per SM
+        group = max(1, min(SCORE_GROUP, work // (8 * sms)))
     else:                   # ~2 programs per SM, as many documents as the score tile holds
-        group = max(16, min(MAX_TOPK_GROUP, cap, _pow2_floor(work // (2 * sms))))
-    tiles = (4 if wide else 2) * block_k * (block_q + 3 * block_d)      # the query tile + 3 chunk buffers
-    # fewest warps that hold the tiles without spilling (offline_builds checks them)
-    warps = 8 if block_q >= 128 else 4 if block_q == 64 or wide else 2
-    return MaxSimConfig(block_q=block_q, block_d=block_d, group=group, num_warps=warps,
-                        num_stages=3 if tiles <= smem_limit - SMEM_SLACK else 2)
+        group = max(16, min(topk_group_bound(tile, rows.qpb_pad), work // (2 * sms)))
+    return MaxSimConfig(tile.block_q, tile.block_d, group, tile.num_warps, _stages(tile, max_dim, dtype, smem_limit))
 
 
 def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
@@ -243,8 +287,16 @@ def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: tor
     return choose_config(n_queries, q_tokens, n_docs, dim, dtype, *_device_limits(device), k)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(t, its batch stride in rows): t's tokens as rows of d contiguous elements, consecutive
+    within a batch, batches a whole number of rows apart. Copies only a tensor that is not."""
+    d = t.shape[-1]
+    unit = (d <= 1 or t.stride(-1) == 1) and (t.shape[-2] <= 1 or t.stride(-2) == d)
+    if t.dim() == 3 and t.shape[0] > 1 and t.stride(0) % d:
+        unit = False
+    if not unit:
+        t = t.contiguous()
+    return t, (t.stride(0) // d if t.dim() == 3 and t.shape[0] > 1 else 0)
 
 
 def _precision(t: torch.Tensor) -> str:
@@ -255,42 +307,44 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
     """Scores [Nq, Nd] (k None) or top-k candidates ([Nq, groups * k] values, indices).
 
     D is [Nd, Ld, d] (spans = d_lengths or None) or packed [T, d] (spans = doc_offsets).
+    A query longer than BLOCK_Q is scored in splits, one row block each, whose partial sums
+    [n_splits, Nq, Nd] add up in a fixed order (the top-k path takes unsplit queries only).
     """
-    Q = _unit_last(Q)
-    D = _unit_last(D)
     n_queries, q_tokens, dim = Q.shape
     n_docs = spans.shape[0] - 1 if packed else D.shape[0]
     cfg = config or pick_config(n_queries, q_tokens, n_docs, dim, Q.dtype, Q.device, k)
     rows = _Rows.of(cfg.block_q, n_queries, q_tokens)
+    tile = Tile(cfg.block_q, cfg.block_d, cfg.num_warps)
+    group_bound = SCORE_GROUP if k is None else topk_group_bound(tile, rows.qpb_pad)
+    assert cfg.group <= group_bound and (k is None or rows.n_splits == 1), (cfg, k)
     n_groups = triton.cdiv(n_docs, cfg.group)
     if k is None:
-        out = torch.empty((n_queries, n_docs), dtype=torch.float32, device=Q.device)
+        out = torch.empty((rows.n_splits, n_queries, n_docs), dtype=torch.float32, device=Q.device)
         idx = out
         stride_on = n_docs
     else:
         out = torch.empty((n_queries, n_groups * k), dtype=torch.float32, device=Q.device)
         idx = torch.empty((n_queries, n_groups * k), dtype=torch.int64, device=Q.device)
         stride_on = n_groups * k
-    if n_queries == 0 or n_docs == 0:
-        return out if k is None else (out, idx)
-    if packed:
-        n_tokens, stride_dn, stride_dt = D.shape[0], 0, D.stride(0)
-    else:
-        n_tokens, stride_dn, stride_dt = D.shape[1], D.stride(0), D.stride(1)
-    span_ptr = Q if spans is None else spans.contiguous()
-    q_len_ptr = Q if q_lengths is None else q_lengths.contiguous()
-    # a D without elements (every document empty) may have a null pointer; its loads are all masked
-    d_ptr = D if D.numel() else Q
-    maxsim_kernel[(n_groups * rows.n_qgroups,)](
-        Q, d_ptr, span_ptr, q_len_ptr, out, idx,
-        n_queries, n_docs, q_tokens, n_tokens, rows.lq_tile, rows.qpb, k or 0,
-        Q.stride(0), Q.stride(1), stride_dn, stride_dt, stride_on,
-        DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
-        MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
-        BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=cfg.group,
-        K_PAD=pow2(k or 1), UPCAST=dot_upcast(Q), PRECISION=_precision(Q),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out if k is None else (out, idx)
+    if n_queries and n_docs:
+        Q, q_rows = _token_rows(Q)
+        D, d_rows = _token_rows(D)
+        n_tokens = D.shape[0] if packed else D.shape[1]
+        span_ptr = Q if spans is None else spans.contiguous()
+        q_len_ptr = Q if q_lengths is None else q_lengths.contiguous()
+        # a D without elements (every document empty) may have a null pointer; its loads are all masked
+        d_ptr = D if D.numel() else Q
+        maxsim_kernel[(n_groups * rows.n_blocks,)](
+            Q, d_ptr, span_ptr, q_len_ptr, out, idx,
+            n_queries, n_docs, q_tokens, n_tokens, rows.lq_tile, rows.qpb, rows.n_splits, cfg.group, k or 0,
+            q_rows, d_rows, n_queries * n_docs, stride_on,
+            DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
+            MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
+            BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
+            UPCAST=dot_upcast(Q), PRECISION=_precision(Q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if k is not None:
+        return out, idx
+    return out[0] if rows.n_splits == 1 else out.sum(0)
 
 
 def launch_maxsim(Q, D, q_lengths=None, d_lengths=None, reduction="sum", config=None) -> torch.Tensor:
@@ -303,9 +357,9 @@ def launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths=None, reduction="su
 
 def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum", config=None):
     """Per-group top-k candidates in the kernel, then the final k; all scores only when k is
-    too large for a group to shrink the candidates."""
+    too large for a group to shrink the candidates, or a query is longer than BLOCK_Q."""
     cfg = config or pick_config(Q.shape[0], Q.shape[1], D.shape[0], D.shape[2], Q.dtype, Q.device, k)
-    if 2 * k > cfg.group:
+    if 2 * k > cfg.group or Q.shape[1] > cfg.block_q:
         return reference.ranked_topk(_launch(Q, D, d_lengths, False, q_lengths, reduction, None, config), k)
     # equal candidates sit in document order (groups ascend and topk_tile breaks ties to the lower
     # index), so ranked_topk's stable ties still pick the lower document. Slots past the end of a
@@ -315,44 +369,42 @@ def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum",
     return values, cand_idx.gather(1, pos)
 
 
-# shapes whose configs the offline compile check builds: (name, Nq, Lq, Nd, d, dtype, k, packed)
-OFFLINE_SHAPES = (
-    ("colbert", 1, 32, 100_000, 128, torch.bfloat16, None, False),
-    ("rerank16", 16, 32, 10_000, 128, torch.bfloat16, None, False),
-    ("rerank16_packed", 16, 32, 10_000, 128, torch.float16, None, True),
-    ("colpali", 1, 1024, 1000, 128, torch.bfloat16, None, False),
-    ("topk", 16, 32, 1_000_000, 128, torch.bfloat16, 100, False),
-    ("wide", 4, 32, 10_000, 256, torch.float16, None, False),
-    ("fp32", 2, 32, 10_000, 128, torch.float32, None, False),
-    ("odd", 3, 5, 1000, 7, torch.bfloat16, None, True),
-)
+# one (dtype, d) per tile family: its largest d, which the offline check builds each tile at
+FAMILY_DIMS = ((torch.bfloat16, 128), (torch.bfloat16, 256), (torch.bfloat16, 255), (torch.float32, 256))
 
 
 def offline_builds():
+    """Every tile the launcher can choose, on both paths (scores, top-k), with one query per block
+    (Lq > BLOCK_Q / 2, or a split query) and with MAX_QPB, at each GPU family's stage count. d is
+    the largest the tile serves, and the top-k path has its largest group and k; float32 runs with
+    and without tf32. bf16 stands for both 16-bit types."""
     from .offline import SHARED_LIMIT, KernelBuild, dtype_name
     builds = []
-    for name, n_queries, q_tokens, n_docs, dim, dtype, k, packed in OFFLINE_SHAPES:
-        by_config = {}                  # config -> the targets that pick it (smem decides the stages)
-        for cc, smem in SHARED_LIMIT.items():
-            cfg = choose_config(n_queries, q_tokens, n_docs, dim, dtype, 132, smem, k)
-            by_config.setdefault(cfg, []).append(cc)
+    for dtype, dim in FAMILY_DIMS:
         dt = dtype_name(dtype)
-        types = {"q_ptr": f"*{dt}", "d_ptr": f"*{dt}", "span_ptr": "*i64", "q_len_ptr": "*i32", "out_ptr": "*fp32",
-                 "idx_ptr": "*i64" if k else "*fp32"}
-        types.update({a: "i32" for a in ("n_queries", "n_docs", "q_tokens", "n_tokens", "lq_tile", "qpb", "k",
-                                          "stride_qn", "stride_ql", "stride_dn", "stride_dt", "stride_on")})
-        for cfg, targets in by_config.items():
-            rows = _Rows.of(cfg.block_q, n_queries, q_tokens)
-            constexprs = dict(DIM=dim, PACKED=packed, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=k is not None,
-                              BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad,
-                              GROUP=cfg.group, K_PAD=pow2(k or 1), UPCAST=False, PRECISION="ieee")
-            # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles use
-            # mma.sync or FMA, which the offline check does not ask of a dot
-            builds.append(KernelBuild(
-                f"maxsim_{name}_{dt}_BQ{cfg.block_q}_BD{cfg.block_d}_s{cfg.num_stages}", maxsim_kernel, types,
-                constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                uses_dot=cfg.block_q >= 64 and dtype != torch.float32, targets=tuple(targets),
-                divisible=("stride_qn", "stride_ql", "stride_dn", "stride_dt") if dim % 16 == 0 else ()))
+        types = {"q_ptr": f"*{dt}", "d_ptr": f"*{dt}", "span_ptr": "*i64", "q_len_ptr": "*i32", "out_ptr": "*fp32"}
+        types.update({a: "i32" for a in ("n_queries", "n_docs", "q_tokens", "n_tokens", "lq_tile", "qpb", "n_splits",
+                                          "group", "k", "q_rows", "d_rows", "stride_os", "stride_on")})
+        for tile in _family(dtype, dim)[1]:
+            by_stages = {}              # stage count -> the targets whose shared memory gives it
+            for cc, smem in SHARED_LIMIT.items():
+                by_stages.setdefault(_stages(tile, dim, dtype, smem), []).append(cc)
+            for qpb_pad, topk, precision in itertools.product(
+                    sorted({1, pow2(min(MAX_QPB, tile.block_q))}), (False, True),
+                    ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
+                group = topk_group_bound(tile, qpb_pad) if topk else SCORE_GROUP
+                constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
+                                  BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
+                                  GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision)
+                for stages, targets in by_stages.items():
+                    # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
+                    # use mma.sync or FMA, which the offline check does not ask of a dot
+                    builds.append(KernelBuild(
+                        f"maxsim_{dt}_d{dim}_{'topk' if topk else 'scores'}_q{qpb_pad}_BQ{tile.block_q}"
+                        f"_BD{tile.block_d}_w{tile.num_warps}_s{stages}{'_tf32' if precision == 'tf32' else ''}",
+                        maxsim_kernel, {**types, "idx_ptr": "*i64" if topk else "*fp32"}, constexprs,
+                        num_warps=tile.num_warps, num_stages=stages, targets=tuple(targets),
+                        uses_dot=tile.block_q >= 64 and dtype != torch.float32))
     return builds
 
 

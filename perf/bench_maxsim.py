@@ -7,8 +7,18 @@ rerank one query against 100k documents, 16 queries sharing 10k documents, ColPa
 Ld=1030, full length), and top-100 of 1M documents (Ld=128, lengths in [100, 128]).
 Floors count what must move: the real tokens of D (loops stop at real lengths) plus Q, and
 2 * Nq * Lq * sum(real Ld) * d FLOPs.
+
+A kernel that faults (an illegal address) leaves the CUDA context unusable for the rest of the
+process, so no external kernel runs here before it has run in a child process on the same input
+and agreed with fused_ops ("vetting", once per case). late-interaction-kernels' maxsim_varlen is
+not a provider: it addresses D_packed with int32 offsets ((d_lo + d_off) * stride_d_t), which
+wrap past 2^31 elements (100k documents of ~200 tokens x 128) and fault.
 """
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import torch
 
@@ -30,25 +40,7 @@ except ImportError as exc:
 DTYPE = torch.bfloat16
 DIM = 128
 EINSUM_CHUNK = 1 << 28          # similarity elements per einsum chunk (512 MB in bf16)
-
-
-class _OneCase:
-    """Builds a case's tensors on first use and frees the previous case's, so one case's inputs
-    (up to ~34 GB for the 1M-document top-k case) are alive at a time."""
-
-    def __init__(self):
-        self.key, self.tensors = None, None
-
-    def get(self, key, build):
-        if key != self.key:
-            self.key = self.tensors = None
-            torch.cuda.empty_cache()
-            self.tensors = build()
-            self.key = key
-        return self.tensors
-
-
-_CURRENT = _OneCase()
+AGREEMENT = 1e-2                # relative RMS difference from fused_ops a vetted peer may show
 
 
 def _unit_tokens(shape, generator):
@@ -60,19 +52,22 @@ def _unit_tokens(shape, generator):
     return x
 
 
-def _inputs(Nq, Lq, Nd, Ld, lengths, packed):
+def _lengths(spec):
+    return torch.randint(spec["lo"], spec["hi"] + 1, (spec["Nd"],), generator=torch.Generator().manual_seed(spec["Nd"]))
+
+
+def _inputs(spec, packed):
+    """The case's tensors, the same in every process (fixed seeds)."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    Q = _unit_tokens((Nq, Lq, DIM), g)
-    D = _unit_tokens((Nd, Ld, DIM), g)
-    lengths = lengths.cuda()
-    valid = torch.arange(Ld, device="cuda")[None, :] < lengths[:, None]
+    Q = _unit_tokens((spec["Nq"], spec["Lq"], DIM), g)
+    D = _unit_tokens((spec["Nd"], spec["Ld"], DIM), g)
+    lengths = _lengths(spec).cuda()
+    valid = torch.arange(spec["Ld"], device="cuda")[None, :] < lengths[:, None]
     t = {"Q": Q, "D": D, "lengths": lengths, "lengths32": lengths.int(), "valid": valid, "pad": ~valid}
     if packed:
-        offsets = torch.zeros(Nd + 1, dtype=torch.int64, device="cuda")
+        offsets = torch.zeros(spec["Nd"] + 1, dtype=torch.int64, device="cuda")
         offsets[1:] = lengths.cumsum(0)
-        t.update(D_packed=D[valid], offsets=offsets, offsets32=offsets.int(),
-                 q_offsets32=torch.arange(0, (Nq + 1) * Lq, Lq, dtype=torch.int32, device="cuda"),
-                 max_len=int(lengths.max()))
+        t.update(D_packed=D[valid], offsets=offsets)
     return t
 
 
@@ -96,58 +91,135 @@ def _flash_maxsim(t):
     return flash_maxsim.flash_maxsim_batched(t["Q"], t["D"], doc_lengths=t["lengths32"])
 
 
-def _lik_varlen(t):
-    Nq, Lq, d = t["Q"].shape
-    return lik.maxsim_varlen(t["Q"].reshape(Nq * Lq, d), t["D_packed"], t["q_offsets32"], t["offsets32"],
-                             max_seqlen_q=Lq, max_seqlen_d=t["max_len"])
-
-
 def _scoring(t):
     return fused_ops.maxsim(t["Q"], t["D"], d_lengths=t["lengths"])
 
 
-def _scoring_providers() -> dict:
-    """Provider name -> function of the case's tensors, for the maxsim shapes."""
-    providers = {
-        "fused_ops": _scoring,
-        "fused_ops varlen": lambda t: fused_ops.maxsim_varlen(t["Q"], t["D_packed"], t["offsets"]),
-        "einsum": lambda t: einsum_maxsim(t["Q"], t["D"], t["pad"]),
-    }
-    if lik is not None:
-        providers["late-interaction-kernels"] = lambda t: lik.maxsim(t["Q"], t["D"], d_mask=t["valid"])
-        providers["late-interaction-kernels varlen"] = _lik_varlen
-    if flash_maxsim is not None:
-        providers["flash-maxsim"] = _flash_maxsim
-    return providers
-
-
-def _topk_providers(k: int) -> dict:
-    """The same for the top-k shapes; "fused_ops maxsim" is the scoring alone on the same input."""
-    providers = {
+def _providers(k):
+    """(own, external): provider name -> function of the case's tensors. Own providers are this
+    project's and the torch einsum path; external ones are the peer packages' kernels, vetted
+    before they run in this process. Top-k providers return (values, indices)."""
+    if k is None:
+        own = {
+            "fused_ops": _scoring,
+            "fused_ops varlen": lambda t: fused_ops.maxsim_varlen(t["Q"], t["D_packed"], t["offsets"]),
+            "einsum": lambda t: einsum_maxsim(t["Q"], t["D"], t["pad"]),
+        }
+        external = {}
+        if lik is not None:
+            external["late-interaction-kernels"] = lambda t: lik.maxsim(t["Q"], t["D"], d_mask=t["valid"])
+        if flash_maxsim is not None:
+            external["flash-maxsim"] = _flash_maxsim
+        return own, external
+    own = {
         "fused_ops": lambda t: fused_ops.maxsim_topk(t["Q"], t["D"], k, d_lengths=t["lengths"]),
         "fused_ops maxsim (scores only)": _scoring,
         "einsum": lambda t: torch.topk(einsum_maxsim(t["Q"], t["D"], t["pad"]), k),
     }
+    external = {}
     if lik is not None:
-        providers["late-interaction-kernels"] = lambda t: lik.retrieve(t["Q"], t["D"], top_k=k, d_mask=t["valid"],
-                                                                       normalize=False)
+        external["late-interaction-kernels"] = lambda t: lik.retrieve(t["Q"], t["D"], top_k=k, d_mask=t["valid"],
+                                                                      normalize=False)
     if flash_maxsim is not None:
-        providers["flash-maxsim"] = lambda t: torch.topk(_flash_maxsim(t), k)
-    return providers
+        external["flash-maxsim"] = lambda t: torch.topk(_flash_maxsim(t), k)
+    return own, external
+
+
+# ---------------------------------------------------------------------------------------------
+# Vetting external kernels in a child process
+# ---------------------------------------------------------------------------------------------
+def _disagreement(got, want) -> float:
+    """Relative RMS difference of scores (or of top-k values, which both sides sort descending)."""
+    if isinstance(want, tuple):
+        got, want = got[0], want[0]
+    got = got.float().reshape(want.shape)
+    return float((got - want).norm() / want.norm())
+
+
+def _vet_here(spec, names):
+    """Child side: run the named external providers in turn, each announced ('running<TAB>NAME')
+    and judged ('vetted<TAB>NAME<TAB>ok' or why not); stops after a failure, which may have left
+    the CUDA context unusable. A fault kills the process before its verdict is printed."""
+    t = _inputs(spec, packed=False)
+    k = spec["k"]
+    want = _scoring(t) if k is None else fused_ops.maxsim_topk(t["Q"], t["D"], k, d_lengths=t["lengths"])
+    external = _providers(k)[1]
+    for name in names:
+        print(f"running\t{name}", flush=True)
+        try:
+            err = _disagreement(external[name](t), want)
+            verdict = "ok" if err <= AGREEMENT else f"differs from fused_ops by {err:.2e} (relative RMS)"
+        except Exception as exc:
+            verdict = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        print(f"vetted\t{name}\t{verdict}", flush=True)
+        if verdict != "ok":
+            return
+
+
+def _vet(spec, names) -> dict[str, str]:
+    """Parent side: name -> 'ok' or the reason it is not run here; a fresh child after each failure."""
+    verdicts, left = {}, list(names)
+    while left:
+        child = subprocess.run([sys.executable, "-m", "perf.bench_maxsim", json.dumps(spec), *left],
+                               capture_output=True, text=True)
+        decided, running = len(verdicts), None
+        for line in child.stdout.splitlines():
+            fields = line.split("\t")
+            if fields[0] == "running":
+                running = fields[1]
+            elif fields[0] == "vetted":
+                verdicts[fields[1]], running = fields[2], None
+        tail = f"exit {child.returncode}: {(child.stderr.strip().splitlines() or ['no output'])[-1]}"
+        if running is not None:                    # the child died in it
+            verdicts[running] = f"its child process died ({tail})"
+        elif len(verdicts) == decided:             # the child failed before any provider ran
+            verdicts.update({n: f"the vetting process failed ({tail})" for n in left})
+        left = [n for n in left if n not in verdicts]
+    return verdicts
+
+
+class _OneCase:
+    """Builds a case's tensors on first use and frees the previous case's, so one case's inputs
+    (up to ~34 GB for the 1M-document top-k case) are alive at a time; vets the case's external
+    providers first, while this process holds none of its own."""
+
+    def __init__(self):
+        self.spec, self.tensors, self.verdicts = None, None, {}
+
+    def get(self, spec, external_names):
+        if spec != self.spec:
+            self.spec = self.tensors = None
+            torch.cuda.empty_cache()
+            self.verdicts = _vet(spec, external_names) if external_names else {}
+            self.tensors = _inputs(spec, packed=spec["k"] is None)
+            self.spec = spec
+        return self.tensors
+
+
+_CURRENT = _OneCase()
 
 
 def _case(op, Nq, Lq, Nd, Ld, lo, hi, k=None):
-    lengths = torch.randint(lo, hi + 1, (Nd,), generator=torch.Generator().manual_seed(Nd))
-    tokens = int(lengths.sum())
-    key = (op, Nq, Lq, Nd, Ld, k)
+    spec = {"op": op, "Nq": Nq, "Lq": Lq, "Nd": Nd, "Ld": Ld, "lo": lo, "hi": hi, "k": k}
+    tokens = int(_lengths(spec).sum())
+    own, external = _providers(k)
 
     def get():
-        return _CURRENT.get(key, lambda: _inputs(Nq, Lq, Nd, Ld, lengths, packed=k is None))
+        return _CURRENT.get(spec, list(external))
 
+    def vetted(name, fn):
+        def call():
+            t = get()
+            if _CURRENT.verdicts[name] != "ok":          # the harness reports it as skipped
+                raise RuntimeError(f"not run: vetting in a child process found {_CURRENT.verdicts[name]}")
+            return fn(t)
+        return call
+
+    providers = {name: (lambda fn=fn: fn(get())) for name, fn in own.items()}
+    providers.update({name: vetted(name, fn) for name, fn in external.items()})
     shape = {"Nq": Nq, "Lq": Lq, "Nd": Nd, "Ld": Ld, "d": DIM, **({"k": k} if k else {})}
-    fns = _scoring_providers() if k is None else _topk_providers(k)
     return Case(op, shape, DTYPE, bytes=(tokens + Nq * Lq) * DIM * 2, flops=2 * Nq * Lq * tokens * DIM,
-                providers={name: (lambda fn=fn: fn(get())) for name, fn in fns.items()})
+                providers=providers)
 
 
 def cases(quick: bool = False) -> list[Case]:
@@ -159,3 +231,7 @@ def cases(quick: bool = False) -> list[Case]:
 
 
 PLOTS = [("maxsim", "Nd"), ("maxsim_batch", "Nq"), ("maxsim_topk", "Nd")]
+
+
+if __name__ == "__main__":          # python -m perf.bench_maxsim SPEC_JSON NAME...: vet in this process
+    _vet_here(json.loads(sys.argv[1]), sys.argv[2:])

@@ -113,7 +113,11 @@ def run_cases(cases: list[Case], ceilings: Ceilings, env: dict, progress: bool =
     rows = []
     for case in tqdm(cases, desc="benchmarks", disable=not progress):
         rows += run_case(case, ceilings, env)
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc:                # a faulted context: keep what was measured so far
+            print(f"  CUDA context lost after {case.op} {shape_str(case.shape)}: {exc}")
+            break
     return rows
 
 

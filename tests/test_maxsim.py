@@ -69,7 +69,8 @@ def test_matches_reference(dtype, reduction, with_q_lengths):
 
 @pytest.mark.parametrize("d, dtype", [(1, torch.bfloat16), (7, torch.float16), (16, torch.float32),
                                       (96, torch.bfloat16), (128, torch.float16)]
-                         + pick([], [(200, torch.bfloat16), (256, torch.float16), (256, torch.float32)]))
+                         + pick([], [(100, torch.bfloat16), (200, torch.bfloat16), (255, torch.float16),
+                                     (256, torch.float16), (256, torch.float32)]))
 def test_embedding_dims(d, dtype):
     Q, D = rand(2, 3, d, dtype=dtype), rand(5, pick(6, 70), d, dtype=dtype)
     check_both_layouts(Q, D, None, lengths(5, D.shape[1]), "sum", dtype)
@@ -130,6 +131,22 @@ def test_noncontiguous_inputs_and_int32_lengths():
     assert_close(out, oracle(Q, padded, q_lengths, lens), torch.float32)
 
 
+def test_rows_apart_from_d_are_copied():
+    """The kernel addresses tokens as rows of d elements and batches as whole rows: a D whose
+    tokens are further apart, or whose documents are not a whole number of rows apart, is copied."""
+    Q = rand(2, 3, 16)
+    wide_rows = rand(5, 7, 24)[..., :16]                                        # token stride 24
+    odd_batches = rand(5 * 7 * 16 + 5).as_strided((5, 7, 16), (7 * 16 + 1, 16, 1))   # doc stride 113
+    d_lengths = torch.tensor([7, 0, 3, 1, 6], device=DEVICE)
+    for D in (wide_rows, odd_batches):
+        out = fused_ops.maxsim(Q, D, d_lengths=d_lengths)
+        assert_close(out, oracle(Q, D, None, d_lengths), torch.float32)
+    packed = rand(20, 24)[:, :16]
+    offsets = torch.tensor([0, 4, 4, 19], device=DEVICE)
+    padded, lens = reference.unpack_documents(packed, offsets)
+    assert_close(fused_ops.maxsim_varlen(Q, packed, offsets), oracle(Q, padded, None, lens), torch.float32)
+
+
 def test_packed_offsets_need_not_start_at_zero():
     Q, D_packed = rand(2, 3, 8), rand(30, 8)
     offsets = torch.tensor([5, 9, 9, 21, 30], device=DEVICE)
@@ -184,6 +201,20 @@ def test_topk_candidates_span_several_groups(group):
     assert_close(values, ref_values, torch.bfloat16)
 
 
+def test_topk_of_split_queries():
+    """Queries longer than BLOCK_Q are scored in splits whose sums add up outside the kernel, so
+    their top-k goes through the full scores."""
+    Q, D = rand(3, 40, 16, dtype=torch.float16), rand(30, 9, 16, dtype=torch.float16)
+    q_lengths = torch.tensor([40, 17, 1], device=DEVICE)
+    d_lengths = lengths(30, 9)
+    config = MaxSimConfig(block_q=16, block_d=16, group=4, num_warps=4, num_stages=2)
+    values, indices = maxsim_module.launch_maxsim_topk(Q, D, 2, q_lengths, d_lengths, "mean", config)
+    ref_values, ref_indices = reference.maxsim_topk(Q.double(), D.double(), 2, q_lengths=q_lengths,
+                                                    d_lengths=d_lengths, reduction="mean")
+    assert_topk_match(indices, ref_values, ref_indices)
+    assert_close(values, ref_values, torch.float16)
+
+
 @pytest.mark.parametrize("op", ["maxsim", "maxsim_varlen", "maxsim_topk"])
 def test_opcheck(op):
     Q, D = rand(2, 3, 8), rand(4, 5, 8)
@@ -224,6 +255,24 @@ def test_bad_arguments_raise(bad, match):
         fused_ops.maxsim_varlen(Q, rand(6, 4), torch.tensor([0, 4, 2], device=DEVICE))
     with pytest.raises(ValueError, match="k"):
         fused_ops.maxsim_topk(Q, D, 4)
+
+
+def test_offline_builds_hold_every_config_the_launcher_picks():
+    """fused_ops.offline compiles maxsim's offline_builds() for sm_90/100/120: every block size,
+    warp and stage count the launcher can pick for a family must be among them, on both paths."""
+    from fused_ops.offline import SHARED_LIMIT
+    built = {(b.types["q_ptr"], b.constexprs["TOPK"], b.constexprs["BLOCK_Q"], b.constexprs["BLOCK_D"],
+              b.num_warps, b.num_stages, cc) for b in maxsim_module.offline_builds() for cc in b.targets}
+    picked = set()
+    for dtype, dtype_name in ((torch.bfloat16, "*bf16"), (torch.float16, "*bf16"), (torch.float32, "*fp32")):
+        for dim in (1, 7, 8, 16, 64, 100, 128, 136, 200, 255, 256):
+            for n_queries, q_tokens in ((1, 1), (1, 32), (3, 5), (16, 32), (64, 8), (2, 100), (1, 1024), (4, 2048)):
+                for n_docs, k in ((1, None), (10_000, None), (1_000_000, None), (1_000, 8), (1_000_000, 100)):
+                    for cc, smem in SHARED_LIMIT.items():
+                        cfg = maxsim_module.choose_config(n_queries, q_tokens, n_docs, dim, dtype, 132, smem, k)
+                        topk = k is not None and 2 * k <= cfg.group and q_tokens <= cfg.block_q
+                        picked.add((dtype_name, topk, cfg.block_q, cfg.block_d, cfg.num_warps, cfg.num_stages, cc))
+    assert picked <= built, sorted(picked - built)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU: tensors past 2^31 elements")
