@@ -28,6 +28,7 @@ _MOE_GEMMS = [
     # block_n, block_k, group_m, warps, stages: narrow column blocks stream weights over many SMs
     # (small batches); wide ones reuse each gathered x tile (large batches)
     (64, 128, 1, 4, 4), (64, 128, 1, 4, 5), (128, 64, 4, 4, 4), (128, 64, 8, 8, 4), (256, 64, 8, 8, 3),
+    (256, 64, 8, 8, 4), (256, 64, 4, 8, 4),
 ]
 _MOE_GEMM2 = [(64, 128, 1, 4, 4), (64, 64, 4, 4, 4), (128, 64, 8, 8, 4)]
 

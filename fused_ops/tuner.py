@@ -66,7 +66,7 @@ def tune(names: Optional[list] = None, shapes: Optional[list] = None, out_dir: O
     path = os.path.join(out_dir, f"{tuning.device_key(name)}.json")
     result = {"device": name, "family": family, "triton": triton.__version__, "torch": torch.__version__,
               "date": _dt.date.today().isoformat(), "source": "tuner", "kernels": {}, "speedup_vs_fallback": {}}
-    if os.path.exists(path):                         # keep other kernels' entries
+    if os.path.exists(path):                         # keep what this run does not retune
         with open(path) as f:
             old = json.load(f)
         result["kernels"] = old.get("kernels", {})
@@ -77,9 +77,10 @@ def tune(names: Optional[list] = None, shapes: Optional[list] = None, out_dir: O
         best, log = tune_kernel(tunable, shapes or tunable.shapes, family, progress)
         failures += sum("error" in r for r in log)
         full_log += log
-        result["kernels"][kname] = {b: v["config"] for b, v in sorted(best.items())}
-        result["speedup_vs_fallback"][kname] = {b: round(v["fallback_ms"] / v["ms"], 3) if v["fallback_ms"] else None
-                                                for b, v in sorted(best.items())}
+        # buckets tuned now replace their old entries; other buckets are kept
+        result["kernels"].setdefault(kname, {}).update({b: v["config"] for b, v in best.items()})
+        result["speedup_vs_fallback"].setdefault(kname, {}).update(
+            {b: round(v["fallback_ms"] / v["ms"], 3) if v["fallback_ms"] else None for b, v in best.items()})
     with open(path, "w") as f:
         json.dump(result, f, indent=1, sort_keys=True)
     log_path = path[: -len(".json")] + ".tune-log.jsonl"     # every candidate: time or failure
