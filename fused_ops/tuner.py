@@ -21,7 +21,7 @@ def _time_ms(run) -> float:
 def tune_kernel(tunable: tuning.Tunable, shapes: list, family: str, progress: bool = True) -> tuple[dict, list]:
     """Returns ({bucket: best config}, log rows). Each shape's fallback is timed as the baseline."""
     from tqdm import tqdm
-    if torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("refusing to tune during CUDA-graph capture")
     spaces = {id(shape): [c for c in tunable.space(family, shape) if tunable.fits(c, family)] for shape in shapes}
     best_by_bucket, log = {}, []
