@@ -17,9 +17,21 @@ Kernels
   W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for few rows.
   When the grid cannot fill the GPU, K is split over programs and a finish kernel adds the parts.
   The router (router.py) builds its logits from the same helpers.
-- gemm (large N and M): a tiled tl.dot GEMM in grouped program order; the row statistics come from
-  the x tiles it loads for the dot; W @ gamma and W @ beta + bias come from `weight_sums_kernel`,
-  run once per weight version and cached.
+- gemm (large N and M), W @ gamma and W @ beta + bias from `weight_sums_kernel`, run once per weight
+  version and cached, and tiles in grouped program order:
+  - 16-bit: a plain pipelined GEMM on raw x, y = rstd * (x @ W'^T - mean * W' 1) + W @ beta + bias,
+    with W' = W * gamma folded and cached beside the sums, and (mean, rstd) from a stats pass that
+    reads x once (row_stats_kernel, ~6% of the GEMM at 8192 x 8320 x 4096). Both operands go
+    straight from memory (TMA on sm_90/sm_100) to the tensor cores. Without the pivot the fp32
+    accumulator carries x's mean: acc and mean * W' 1 each round by ~2^-24 |mean| |W'|, relative to
+    an output of size std |W'|, a loss of ~2^-24 sqrt(K / BLOCK_K) |mean| / std. A 16-bit row whose
+    spread is a few units in the last place of its mean has |mean| / std ~ 2^8 (bf16) or 2^11
+    (fp16): at K = 8320 a loss of ~2e-4 or ~2e-3, under the 1e-2 those dtypes are held to (the
+    float32 pivot path has no such term). A constant row (std = 0) would
+    multiply the rounding by 1/sqrt(eps): its stats pass gives rstd = 0, so y = W @ beta + bias,
+    exactly LayerNorm's answer.
+  - float32 (fp32 tolerance): the pivot path; the row statistics come from the x tiles it loads,
+    shifted and scaled in registers, for the dot.
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
 from ._runtime import dot_upcast, max_shared_memory, pow2, rows, sm_count, use_triton
@@ -40,6 +53,7 @@ ROWS_MAX_M = 16          # up to this many rows, large N also takes the rows ker
 ROWS_WIDE_BLOCK_N = 128  # column block of the rows kernel when N > ROWS_MAX_N
 TILE_BUDGET = 8192       # fp32 values in the widest per-step tile of the rows kernel (registers)
 ROWS_STAGE_BYTES = 65536  # shared memory for the rows kernel's pipeline: 3 K steps in flight, else 2
+EPILOGUE_SHARED = 32768  # shared memory a gemm config leaves beside its pipeline (epilogue layout change)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +254,12 @@ def layernorm_linear_finish_kernel(acc_part_ptr, stat_part_ptr, col_part_ptr, bi
 
 
 @triton.jit
-def weight_sums_kernel(w_ptr, g_ptr, b_ptr, bias_ptr, sums_ptr, N, K, stride_w, HAS_GAMMA: tl.constexpr,
-                       HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """sums[0] = W @ gamma, sums[1] = W @ beta + bias, in fp32: the gemm epilogue's column terms."""
+def weight_sums_kernel(w_ptr, g_ptr, b_ptr, bias_ptr, sums_ptr, folded_ptr, N, K, stride_w,
+                       HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sums[0] = W @ gamma, sums[1] = W @ beta + bias, in fp32: the gemm epilogue's column terms.
+    FOLD: also folded = W * gamma rounded to W's dtype ([N, K], contiguous), and sums[0] adds up
+    those rounded values, so that mean * sums[0] is exactly the mean's share of x @ folded^T."""
     col = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = col < N
     w_rows = row_starts(w_ptr, col, N, stride_w)
@@ -253,10 +269,15 @@ def weight_sums_kernel(w_ptr, g_ptr, b_ptr, bias_ptr, sums_ptr, N, K, stride_w, 
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + lane
         k_ok = kk < K
-        w = tl.load(w_rows[:, None] + kk[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_rows[:, None] + kk[None, :], mask=k_ok[None, :], other=0.0)
         g, b = load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA, HAS_BETA, False)
-        c1 += tl.sum(w * g[None, :], axis=1)
-        c2 += tl.sum(w * b[None, :], axis=1)
+        wg = w.to(tl.float32) * g[None, :]
+        if FOLD:
+            wg = wg.to(w.dtype)
+            tl.store(folded_ptr + col.to(tl.int64)[:, None] * K + kk[None, :], wg,
+                     mask=col_ok[:, None] & k_ok[None, :])
+        c1 += tl.sum(wg.to(tl.float32), axis=1)
+        c2 += tl.sum(w.to(tl.float32) * b[None, :], axis=1)
     if HAS_BIAS:
         c2 += tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(sums_ptr + col, c1, mask=col_ok)
@@ -264,20 +285,49 @@ def weight_sums_kernel(w_ptr, g_ptr, b_ptr, bias_ptr, sums_ptr, N, K, stride_w, 
 
 
 @triton.jit
+def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """stats[0] = row mean, stats[1] = rstd, or 0 for a constant row (every x equal to the pivot:
+    LN(x) = beta exactly, and the folded gemm's rounding must not be amplified by 1/sqrt(eps)).
+    The sums stay per lane until the end: no cross-thread reduction inside the streaming loop."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = row_starts(x_ptr, row, M, stride_x)
+    pivot = row_pivot(x_rows, K, BLOCK_K)
+    s1 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    lane = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + lane
+        x = tl.load(x_rows[:, None] + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
+        xs = tl.where((kk < K)[None, :], x - pivot[:, None], 0.0)
+        s1 += xs
+        s2 += xs * xs
+    s2 = tl.sum(s2, axis=1)
+    d, rstd = ln_stats(tl.sum(s1, axis=1), s2, K, eps)
+    tl.store(stats_ptr + row, pivot + d, mask=row < M)
+    tl.store(stats_ptr + M + row, tl.where(s2 == 0.0, 0.0, rstd), mask=row < M)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(first row, first column) of this program's output tile in grouped order: GROUP_M row blocks
+    sweep the column blocks together, so W tiles stay in L2."""
+    pid = tl.program_id(0)
+    in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return (first_m + (pid % in_group) % group_m) * BLOCK_M, ((pid % in_group) // group_m) * BLOCK_N
+
+
+@triton.jit
 def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
                                  eps, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr, DOT_UPCAST: tl.constexpr,
                                  PRECISION: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of y; sums = (W @ gamma, W @ beta + bias) from weight_sums_kernel."""
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    # grouped order: GROUP_M row blocks sweep the column blocks together, so W tiles stay in L2
-    in_group = GROUP_M * blocks_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(blocks_m - first_m, GROUP_M)
-    row = (first_m + (pid % in_group) % group_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col = ((pid % in_group) // group_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """float32: one [BLOCK_M, BLOCK_N] tile of y, pivot-shifted x through registers; sums = (W @ gamma,
+    W @ beta + bias) from weight_sums_kernel."""
+    first_row, first_col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row = first_row + tl.arange(0, BLOCK_M)
+    col = first_col + tl.arange(0, BLOCK_N)
     x_rows = row_starts(x_ptr, row, M, stride_x)
     acc, s1, s2, _, _, _, _, _, _ = ln_dot_sums(
         x_rows, row_pivot(x_rows, K, BLOCK_K), row_starts(w_ptr, col, N, stride_w), g_ptr, g_ptr, 0, K, K,
@@ -288,10 +338,47 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, M, N, K, 
     store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
 
 
+@triton.jit
+def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr, sums_ptr, y_ptr, M, N, K,
+                                        stride_x, stride_w, stride_y, TMA: tl.constexpr, EVEN_K: tl.constexpr,
+                                        DOT_UPCAST: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
+                                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """16-bit: one [BLOCK_M, BLOCK_N] tile of y = rstd * (x @ W'^T - mean * W' 1) + (W @ beta + bias), a
+    plain pipelined GEMM on raw x (both operands straight from memory to the tensor cores), with
+    W' = W * gamma (folded by weight_sums_kernel) and the row stats from row_stats_kernel.
+    TMA: the tiles come through the descriptors x_desc, w_desc (the bulk copy engine, which zero-fills
+    past M, N and K); else through pointers (x_desc, w_desc unused)."""
+    first_row, first_col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row = first_row + tl.arange(0, BLOCK_M)
+    col = first_col + tl.arange(0, BLOCK_N)
+    x_rows = row_starts(x_ptr, row, M, stride_x)
+    w_rows = row_starts(w_ptr, col, N, stride_w)
+    lane = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        if TMA:
+            a = x_desc.load([first_row, k0])
+            b = w_desc.load([first_col, k0])
+        else:
+            kk = k0 + lane
+            a = load_k(x_rows[:, None] + kk[None, :], (kk < K)[None, :], EVEN_K)
+            b = load_k(w_rows[:, None] + kk[None, :], (kk < K)[None, :], EVEN_K)
+        if DOT_UPCAST:                             # the interpreter's bf16 dot is wrong: fp32 there
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
+    rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
+    c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
+    c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
+    store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, mean, rstd, c1, c2))
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
-def _prev_pow2(n: int) -> int:
+def prev_pow2(n: int) -> int:
+    """The largest power of two <= n (1 for n < 2)."""
     return 1 << (max(1, n).bit_length() - 1)
 
 
@@ -319,10 +406,10 @@ def rows_config(M: int, N: int, K: int, n_sm: int, itemsize: int) -> dict:
     programs = 2 * n_sm
     if N <= ROWS_MAX_N:
         block_n = pow2(N)
-        block_m = min(32, pow2(M), _prev_pow2(M // programs))
+        block_m = min(32, pow2(M), prev_pow2(M // programs))
     else:
         block_m = min(ROWS_MAX_M, pow2(M))
-        block_n = max(16, min(ROWS_WIDE_BLOCK_N, _prev_pow2(N * triton.cdiv(M, block_m) // programs)))
+        block_n = max(16, min(ROWS_WIDE_BLOCK_N, prev_pow2(N * triton.cdiv(M, block_m) // programs)))
     # the broadcast product [BM, BN, BK] must leave K steps of 64+ values (128-byte rows); wide
     # tiles take tl.dot instead where there are 16 rows to fill one, else fewer rows per program
     use_dot = block_m >= 16 or (M >= 16 and TILE_BUDGET // (block_m * block_n) < 64)
@@ -350,12 +437,13 @@ def gemm_config(M: int, dtype: torch.dtype, cc_major: int, shared_limit: int) ->
         block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 4
     elif M <= 512 or cc_major != 9:
         block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 4
-    else:                              # Hopper wgmma: the widest tile whose accumulator fits 8 warps
-        block_m, block_n, block_k, warps, stages = 128, 256, 64, 8, 3
+    else:                              # Hopper wgmma: the widest tile whose accumulator fits 8 warps;
+        # H200, 8192 x 8320 x 4096 through TMA: 0.761 ms against 0.784 for 128 x 256 (cuBLAS 0.79)
+        block_m, block_n, block_k, warps, stages = 256, 128, 64, 8, 4
     group_m = 8
     size = dtype.itemsize
-    # the pipeline's tiles plus ~a stage of headroom for the epilogue's layout conversion
-    while (stages + 1) * (block_m + block_n) * block_k * size > shared_limit and block_n > 16:
+    # the pipeline's tiles plus headroom for the epilogue's layout conversion
+    while stages * (block_m + block_n) * block_k * size + EPILOGUE_SHARED > shared_limit and block_n > 16:
         if stages > 2:
             stages -= 1
         else:
@@ -408,54 +496,91 @@ def _same_stamp(stamp, tensors) -> bool:
                for s, t in zip(stamp, tensors))
 
 
-# weight -> (stamp of (weight, ln_weight, ln_bias, bias), [2, N] fp32 sums); entries die with the weight
+# weight -> (stamp of (weight, ln_weight, ln_bias, bias), [2, N] fp32 sums, folded weight or None);
+# entries die with the weight
 _WEIGHT_SUMS = WeakTensorKeyDictionary()
 
 
-def weight_sums(weight, ln_weight, ln_bias, bias) -> torch.Tensor:
-    """[2, N] fp32 (W @ gamma, W @ beta + bias), cached until any of the four tensors changes."""
+def folds_weight(weight: torch.Tensor) -> bool:
+    """16-bit weights take the folded gemm (W * gamma cached); float32 keeps the pivot path."""
+    return weight.dtype != torch.float32
+
+
+def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """([2, N] fp32 (W' 1, W @ beta + bias), W' = W * gamma in W's dtype, or None where the gemm
+    uses W itself (float32, or no gamma)); cached until any of the four tensors changes."""
     key = (weight, ln_weight, ln_bias, bias)
     cached = _WEIGHT_SUMS.get(weight)
     if cached is not None and _same_stamp(cached[0], key):
-        return cached[1]
+        return cached[1], cached[2]
     w = rows(weight)
     N, K = w.shape
-    sums = torch.empty((2, N), dtype=torch.float32, device=w.device)
-    block_n, block_k = 16, min(512, pow2(K, 16))
     g, b, bias = contiguous_vector(ln_weight), contiguous_vector(ln_bias), contiguous_vector(bias)
+    fold = g is not None and folds_weight(w)
+    sums = torch.empty((2, N), dtype=torch.float32, device=w.device)
+    folded = torch.empty((N, K), dtype=w.dtype, device=w.device) if fold else None
+    block_n, block_k = 16, min(512, pow2(K, 16))
     weight_sums_kernel[(triton.cdiv(N, block_n),)](
-        w, g if g is not None else w, b if b is not None else w, bias if bias is not None else w, sums, N, K,
-        w.stride(0), HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        w, g if g is not None else w, b if b is not None else w, bias if bias is not None else w, sums,
+        folded if fold else sums, N, K, w.stride(0), HAS_GAMMA=g is not None, HAS_BETA=b is not None,
+        HAS_BIAS=bias is not None, FOLD=fold, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     stamp = _version_stamp(key)
     if stamp is not None:
-        _WEIGHT_SUMS[weight] = (stamp, sums)
-    return sums
+        _WEIGHT_SUMS[weight] = (stamp, sums, folded)
+    return sums, folded
 
 
-def _launch_gemm(x, g, w, sums, y, eps):
+STATS_BLOCK_M, STATS_BLOCK_K = 2, 1024    # row_stats: 4096 programs at M = 8192, 16 values per thread
+# families whose folded gemm reads its tiles through the bulk copy engine (TMA); sm_120 spills there
+TMA_FAMILIES = (9, 10)
+
+
+def _tma_ok(*tensors) -> bool:
+    """The bulk copy engine needs 16-byte aligned bases and row strides."""
+    return all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] in TMA_FAMILIES
+               and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps):
     M, K = x.shape
-    N = w.shape[0]
+    N = weight.shape[0]
+    sums, folded = weight_sums(weight, ln_weight, ln_bias, bias)
+    w = folded if folded is not None else rows(weight)
     cc_major = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 9
     cfg = gemm_config(M, x.dtype, cc_major, max_shared_memory(x.device))
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    layernorm_linear_gemm_kernel[grid](
-        x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
-        HAS_GAMMA=g is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_UPCAST=dot_upcast(x),
-        PRECISION=dot_precision(x), **cfg)
+    even_k = K % cfg["BLOCK_K"] == 0
+    if folds_weight(w):
+        stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
+        row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
+            x, stats, M, K, x.stride(0), eps, BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
+            num_warps=4)
+        tma = _tma_ok(x, w)
+        x_desc, w_desc = x, w
+        if tma:
+            x_desc = TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+            w_desc = TensorDescriptor.from_tensor(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+        layernorm_linear_folded_gemm_kernel[grid](
+            x, w, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), TMA=tma,
+            EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), **cfg)
+    else:
+        g = contiguous_vector(ln_weight)
+        layernorm_linear_gemm_kernel[grid](
+            x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
+            HAS_GAMMA=g is not None, EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x), **cfg)
 
 
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
     x2 = rows(x)
     M, N = x2.shape[0], weight.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    g = contiguous_vector(ln_weight)
     if M == 0 or N == 0:
         pass
     elif N <= ROWS_MAX_N or M <= ROWS_MAX_M:
-        _launch_rows(x2, g, contiguous_vector(ln_bias), rows(weight), contiguous_vector(bias), y, eps)
+        _launch_rows(x2, contiguous_vector(ln_weight), contiguous_vector(ln_bias), rows(weight),
+                     contiguous_vector(bias), y, eps)
     else:
-        _launch_gemm(x2, g, rows(weight), weight_sums(weight, ln_weight, ln_bias, bias), y, eps)
+        _launch_gemm(x2, ln_weight, ln_bias, weight, bias, y, eps)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -471,7 +596,8 @@ def offline_builds():
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         types = {**{n: "i32" for n in ("M", "N", "K", "k_chunk", "stride_x", "stride_w", "stride_y", "n_split")},
                  "eps": "fp32", **{n: f"*{dt}" for n in ("x_ptr", "g_ptr", "b_ptr", "w_ptr", "bias_ptr", "y_ptr")},
-                 **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr")}}
+                 "folded_ptr": f"*{dt}",
+                 **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr", "stats_ptr")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
         for M, N in ((32, 8), (8192, 8), (8192, 512), (8, 4096)):
             cfg = dict(rows_config(M, N, K, n_sm=132, itemsize=dtype.itemsize))
@@ -485,17 +611,32 @@ def offline_builds():
         builds.append(KernelBuild(f"ln_linear_finish_{dt}", layernorm_linear_finish_kernel, types,
                                   dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128)))
         builds.append(KernelBuild(f"ln_linear_weight_sums_{dt}", weight_sums_kernel, types,
-                                  dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, BLOCK_N=16, BLOCK_K=512),
+                                  dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, FOLD=dt != "fp32",
+                                       BLOCK_N=16, BLOCK_K=512),
                                   divisible=divisible_args(N=4096, K=K, stride_w=K)))
+        builds.append(KernelBuild(f"ln_linear_row_stats_{dt}", row_stats_kernel, types,
+                                  dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=STATS_BLOCK_K),
+                                  divisible=divisible_args(M=8192, K=K, stride_x=K)))
         for cc, limit in SHARED_LIMIT.items():
             for M in (64, 512, 8192):
                 cfg = dict(gemm_config(M, dtype, cc // 10, limit))
                 warps = cfg.pop("num_warps")
-                builds.append(KernelBuild(f"ln_linear_gemm_{dt}_M{M}_sm{cc}", layernorm_linear_gemm_kernel, types,
-                                          dict(HAS_GAMMA=True, EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_UPCAST=False,
-                                               PRECISION="ieee", **cfg), num_warps=warps, uses_dot=dt == "bf16",
-                                          targets=(cc,), divisible=divisible_args(M=M, N=4096, K=K, stride_x=K,
-                                                                                  stride_w=K, stride_y=4096)))
+                divisible = divisible_args(M=M, N=4096, K=K, stride_x=K, stride_w=K, stride_y=4096)
+                if dt == "fp32":
+                    variants = [("", layernorm_linear_gemm_kernel, types, dict(HAS_GAMMA=True, PRECISION="ieee"))]
+                else:                              # the pointer path, and the descriptors where TMA is used
+                    variants = [("", layernorm_linear_folded_gemm_kernel,
+                                 {**types, "x_desc": f"*{dt}", "w_desc": f"*{dt}"}, dict(TMA=False))]
+                    if cc // 10 in TMA_FAMILIES:
+                        descs = {"x_desc": f"tensordesc<{dt}[{cfg['BLOCK_M']}, {cfg['BLOCK_K']}]>",
+                                 "w_desc": f"tensordesc<{dt}[{cfg['BLOCK_N']}, {cfg['BLOCK_K']}]>"}
+                        variants.append(("_tma", layernorm_linear_folded_gemm_kernel, {**types, **descs},
+                                         dict(TMA=True)))
+                for suffix, kernel, kernel_types, flags in variants:
+                    builds.append(KernelBuild(f"ln_linear_gemm_{dt}_M{M}_sm{cc}{suffix}", kernel, kernel_types,
+                                              dict(EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_UPCAST=False, **flags,
+                                                   **cfg), num_warps=warps, uses_dot=dt == "bf16", targets=(cc,),
+                                              divisible=divisible))
     return builds
 
 
