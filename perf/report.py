@@ -1,4 +1,4 @@
-"""Regenerate the README's results table from the committed CSVs (so it cannot drift from the data).
+"""Regenerate the README's results tables (one per committed sweep CSV) from the CSVs (so it cannot drift from the data).
 
 python -m perf.report           rewrite the block between the README's results markers
 python -m perf.report --check   exit 1 if the README's block differs from what the CSVs give
@@ -46,7 +46,7 @@ def table_for(csv_path: str) -> str:
 
 def generate() -> str:
     parts = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "perf", "results", "*", "results.csv"))):
+    for path in sorted(glob.glob(os.path.join(ROOT, "perf", "results", "*", "*.csv"))):
         table = table_for(path)
         if table:
             parts.append(table)
