@@ -99,6 +99,25 @@ def load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.co
 
 
 @triton.jit
+def lane_sums(t):
+    """[R, C] -> [R, C // 8]: sums of runs of 8 neighbouring values, which a 16-bit load gives each
+    thread in its own registers (one 16-byte vector; fp32 takes one shuffle), so the adds stay
+    (nearly) inside threads. A streaming loop accumulates these and reduces across threads once,
+    after the loop: no cross-thread reduction per K step."""
+    return tl.sum(tl.reshape(t, [t.shape[0], t.shape[1] // 8, 8]), axis=2)
+
+
+@triton.jit
+def dot_nt(a, b, acc, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b^T for 16-bit a and b (exact products, fp32 accumulation)."""
+    if DOT_UPCAST:                                 # the interpreter's bf16 dot is wrong: fp32 there
+        acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
 def ln_dot_sums(x_rows, pivot, w_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAMMA: tl.constexpr,
                 HAS_BETA: tl.constexpr, COL_SUMS: tl.constexpr, DISTANCE: tl.constexpr, EVEN_K: tl.constexpr,
                 USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -106,24 +125,30 @@ def ln_dot_sums(x_rows, pivot, w_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAM
     """One pass over columns k_start:k_stop of the x rows at `x_rows` and the W rows at `w_rows`
     (pointer vectors from row_starts), all sums in fp32. k_stop - k_start is whole BLOCK_K steps
     except at K, so only K masks (EVEN_K: K is whole steps too, no masks). STAGES steps of loads
-    are in flight at once (software pipelining through shared memory).
+    are in flight at once (software pipelining through shared memory). Every sum but the dot is
+    kept per lane (lane_sums) inside the loop and reduced across threads once, at the end.
 
-    Returns (acc, s1, s2, c1, c2, aa, ag, vv, gg), with V = W, or V = W - beta for DISTANCE:
-      acc [BM, BN] = a @ V^T (tl.dot, or a broadcast product for tiles under 16 rows)
+    Returns (acc, s1, s2, c1, c2, aa, ag):
+      acc [BM, BN] = a @ W^T, or a @ (W - beta)^T for DISTANCE (tl.dot, or a broadcast product for
+                     tiles under 16 rows)
       s1, s2 [BM]  = sum(xs), sum(xs^2)
-      c1, c2 [BN]  = V @ gamma, V @ beta                           (COL_SUMS, else 0)
-      aa, ag [BM]  = sum(a^2), a . gamma;  vv [BN] = ||v||^2;  gg = gamma . gamma   (DISTANCE, else 0)
+      c1, c2 [BN]  = W @ gamma, W @ beta                            (COL_SUMS, else 0)
+      aa, ag [BM]  = sum(a^2), a . gamma                            (DISTANCE, else 0)
+    The dot takes W itself (exact in its dtype; DISTANCE subtracts a . beta after the loop). A 16-bit
+    W meets a = hi + lo, two 16-bit halves: a alone rounded to 16 bits would put ~2^-9 of each
+    product into the logits (bf16), enough to reorder near-tied experts; hi + lo carry ~2^-17.
     Unused results cost nothing: the compiler drops them.
     """
-    acc = tl.zeros([x_rows.shape[0], w_rows.shape[0]], tl.float32)
-    s1 = tl.zeros(x_rows.shape, tl.float32)
-    s2 = tl.zeros(x_rows.shape, tl.float32)
-    aa = tl.zeros(x_rows.shape, tl.float32)
-    ag = tl.zeros(x_rows.shape, tl.float32)
-    c1 = tl.zeros(w_rows.shape, tl.float32)
-    c2 = tl.zeros(w_rows.shape, tl.float32)
-    vv = tl.zeros(w_rows.shape, tl.float32)
-    gg = tl.zeros([BLOCK_K], tl.float32)           # per lane, reduced once after the loop
+    BM: tl.constexpr = x_rows.shape[0]
+    BN: tl.constexpr = w_rows.shape[0]
+    acc = tl.zeros([BM, BN], tl.float32)
+    s1 = tl.zeros([BM, BLOCK_K // 8], tl.float32)
+    s2 = tl.zeros([BM, BLOCK_K // 8], tl.float32)
+    aa = tl.zeros([BM, BLOCK_K // 8], tl.float32)
+    ag = tl.zeros([BM, BLOCK_K // 8], tl.float32)
+    ab = tl.zeros([BM, BLOCK_K // 8], tl.float32)
+    c1 = tl.zeros([BN, BLOCK_K // 8], tl.float32)
+    c2 = tl.zeros([BN, BLOCK_K // 8], tl.float32)
     lane = tl.arange(0, BLOCK_K)
     for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
         kk = k0 + lane
@@ -135,28 +160,27 @@ def ln_dot_sums(x_rows, pivot, w_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAM
         if not EVEN_K:
             xs = tl.where(k_ok[None, :], xs, 0.0)
         a = xs * g[None, :]
-        s1 += tl.sum(xs, axis=1)
-        s2 += tl.sum(xs * xs, axis=1)
-        v = w.to(tl.float32)
+        s1 += lane_sums(xs)
+        s2 += lane_sums(xs * xs)
         if DISTANCE:
-            v = v - b[None, :]
-            aa += tl.sum(a * a, axis=1)
-            ag += tl.sum(a * g[None, :], axis=1)
-            vv += tl.sum(v * v, axis=1)
-            gg += g * g
+            aa += lane_sums(a * a)
+            ag += lane_sums(a * g[None, :])
+            ab += lane_sums(a * b[None, :])
         if COL_SUMS:
-            c1 += tl.sum(v * g[None, :], axis=1)
-            c2 += tl.sum(v * b[None, :], axis=1)
-        if USE_DOT:
-            if DOT_UPCAST:                         # the interpreter's bf16 dot is wrong: fp32 there
-                acc = tl.dot(a, tl.trans(v), acc, input_precision="ieee")
-            elif DISTANCE:
-                acc = tl.dot(a.to(w.dtype), tl.trans(v.to(w.dtype)), acc, input_precision=PRECISION)
-            else:                                  # W straight from its load: no register round trip
-                acc = tl.dot(a.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
-        else:
-            acc += tl.sum(a[:, None, :] * v[None, :, :], axis=2)
-    return acc, s1, s2, c1, c2, aa, ag, vv, tl.sum(gg, axis=0)
+            c1 += lane_sums(w.to(tl.float32) * g[None, :])
+            c2 += lane_sums(w.to(tl.float32) * b[None, :])
+        if not USE_DOT:
+            acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        elif w.dtype == tl.float32:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        else:                                      # W straight from its load: no register round trip
+            a_hi = a.to(w.dtype)
+            acc = dot_nt(a_hi, w, acc, DOT_UPCAST)
+            acc = dot_nt((a - a_hi.to(tl.float32)).to(w.dtype), w, acc, DOT_UPCAST)
+    if DISTANCE:
+        acc -= tl.sum(ab, axis=1)[:, None]
+    return (acc, tl.sum(s1, axis=1), tl.sum(s2, axis=1), tl.sum(c1, axis=1), tl.sum(c2, axis=1),
+            tl.sum(aa, axis=1), tl.sum(ag, axis=1))
 
 
 @triton.jit
@@ -200,7 +224,7 @@ def layernorm_linear_rows_kernel(x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, ac
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = row_starts(x_ptr, row, M, stride_x)
     k_start = tl.program_id(2) * k_chunk
-    acc, s1, s2, c1, c2, _, _, _, _ = ln_dot_sums(
+    acc, s1, s2, c1, c2, _, _ = ln_dot_sums(
         x_rows, row_pivot(x_rows, K, BLOCK_K), row_starts(w_ptr, col, N, stride_w), g_ptr, b_ptr, k_start,
         tl.minimum(k_start + k_chunk, K), K, HAS_GAMMA, HAS_BETA, True, False, EVEN_K, USE_DOT, DOT_UPCAST,
         PRECISION, STAGES, BLOCK_K)
@@ -329,7 +353,7 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, M, N, K, 
     row = first_row + tl.arange(0, BLOCK_M)
     col = first_col + tl.arange(0, BLOCK_N)
     x_rows = row_starts(x_ptr, row, M, stride_x)
-    acc, s1, s2, _, _, _, _, _, _ = ln_dot_sums(
+    acc, s1, s2, _, _, _, _ = ln_dot_sums(
         x_rows, row_pivot(x_rows, K, BLOCK_K), row_starts(w_ptr, col, N, stride_w), g_ptr, g_ptr, 0, K, K,
         HAS_GAMMA, False, False, False, EVEN_K, True, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
     d, rstd = ln_stats(s1, s2, K, eps)
@@ -415,7 +439,7 @@ def rows_config(M: int, N: int, K: int, n_sm: int, itemsize: int) -> dict:
     use_dot = block_m >= 16 or (M >= 16 and TILE_BUDGET // (block_m * block_n) < 64)
     if use_dot:
         block_m, block_n = max(16, block_m), max(16, block_n)
-        block_k = min(512 // itemsize, TILE_BUDGET // block_n)      # 512-byte row segments per step
+        block_k = min(256 // itemsize, TILE_BUDGET // block_n)      # 256-byte row segments per step
     else:
         block_m = max(1, min(block_m, TILE_BUDGET // (16 * block_n)))
         block_k = min(1024, TILE_BUDGET // (block_m * block_n))
@@ -484,14 +508,14 @@ def _launch_rows(x, g, b, w, bias, y, eps):
             HAS_BIAS=bias is not None, BLOCK_M=finish_m, BLOCK_N=finish_n, num_warps=4)
 
 
-def _version_stamp(tensors) -> Optional[tuple]:
+def version_stamp(tensors) -> Optional[tuple]:
     """Who and which version each tensor is; None where one keeps no version (inference tensors)."""
     if any(t is not None and t.is_inference() for t in tensors):
         return None
     return tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
 
 
-def _same_stamp(stamp, tensors) -> bool:
+def same_stamp(stamp, tensors) -> bool:
     return all((s is None and t is None) or (s is not None and t is not None and s[0]() is t and s[1] == t._version)
                for s, t in zip(stamp, tensors))
 
@@ -511,7 +535,7 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
     uses W itself (float32, or no gamma)); cached until any of the four tensors changes."""
     key = (weight, ln_weight, ln_bias, bias)
     cached = _WEIGHT_SUMS.get(weight)
-    if cached is not None and _same_stamp(cached[0], key):
+    if cached is not None and same_stamp(cached[0], key):
         return cached[1], cached[2]
     w = rows(weight)
     N, K = w.shape
@@ -524,7 +548,7 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
         w, g if g is not None else w, b if b is not None else w, bias if bias is not None else w, sums,
         folded if fold else sums, N, K, w.stride(0), HAS_GAMMA=g is not None, HAS_BETA=b is not None,
         HAS_BIAS=bias is not None, FOLD=fold, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-    stamp = _version_stamp(key)
+    stamp = version_stamp(key)
     if stamp is not None:
         _WEIGHT_SUMS[weight] = (stamp, sums, folded)
     return sums, folded

@@ -142,6 +142,29 @@ def test_logits_match_reference(dtype, gating, shape, E):
     assert logits.dtype == torch.float32 and rel_err(logits, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dot_tiles_feed_the_normalised_row_at_fp32_accuracy(dtype):
+    """The tl.dot tiles (32 rows here) take the normalised row as two 16-bit halves. Rounded once
+    to 16 bits it would put ~2^-9 (bf16) or ~2^-12 (fp16) of each product into the logits, a
+    relative error of ~1e-3 or ~1e-4 that reorders experts closer than that (seen at M = 8193);
+    the halves keep the logits near fp32's ~1e-6. Under the interpreter the halves are exact in
+    its fp32 dot, so this checks the split itself."""
+    x, g, b, w, wb = _inputs((pick(130, 8193), 1023), 8, dtype)
+    logits = importlib.import_module("fused_ops.router").launch_router_logits(x, g, b, w, wb, 1e-5, "softmax")
+    ref = reference.router_logits(x.double(), g.double(), b.double(), w.double(), wb.double(), 1e-5, "softmax")
+    assert rel_err(logits, ref) < 2e-5
+
+
+def test_cached_gate_sums_follow_in_place_updates():
+    """The parameter terms (W @ gamma, ||w_e - beta||^2, ...) are cached per version of the gate
+    weight and the LN parameters: any in-place change must show in the next call."""
+    x, g, b, w, wb = _inputs((40, 64), 8, torch.float32)
+    for update in (lambda: None, lambda: w.mul_(2), lambda: g.add_(1), lambda: b.neg_()):
+        update()
+        for gating in GATINGS:
+            _check(x, g, b, w, wb, torch.float32, k=3, gating=gating)
+
+
 @pytest.mark.parametrize("gating", GATINGS)
 def test_wide_expert_rows_fall_back_to_logits_then_unfused_ops(gating):
     x, g, b, w, wb = _inputs((pick(5, 2000), 30), 600, torch.float32)
