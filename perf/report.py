@@ -1,6 +1,7 @@
 """Regenerate the README's results tables (one per committed sweep CSV) from the CSVs (so it cannot drift from the data).
 
-python -m perf.report           rewrite the block between the README's results markers
+python -m perf.report           rewrite the block between the README's results markers and redraw
+                                each results folder's plots from its CSVs
 python -m perf.report --check   exit 1 if the README's block differs from what the CSVs give
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ import glob
 import os
 import sys
 
-from .harness import _best, is_peer, read_csv
+from .harness import _best, is_peer, plot, read_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -53,6 +54,18 @@ def generate() -> str:
     return "\n\n".join(parts) if parts else "_No GPU results committed yet._"
 
 
+def redraw_plots() -> None:
+    import importlib
+
+    from .__main__ import FAMILIES
+    plots = [p for name in FAMILIES for p in importlib.import_module(f"perf.bench_{name}").PLOTS]
+    for path in sorted(glob.glob(os.path.join(ROOT, "perf", "results", "*", "*.csv"))):
+        rows = [r for r in read_csv(path) if r["op"] != "ceiling"]
+        for op, x_field in plots:
+            if any(r["op"] == op for r in rows):
+                plot(rows, op, x_field, os.path.join(os.path.dirname(path), f"{op}.png"))
+
+
 def replace_block(text: str, block: str) -> str:
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
@@ -70,6 +83,7 @@ def main(argv=None) -> None:
         return
     with open(README, "w") as f:
         f.write(updated)
+    redraw_plots()
 
 
 if __name__ == "__main__":
