@@ -70,5 +70,5 @@ def max_shared_memory(device: torch.device) -> int:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 gets tf32 only where torch would use it (SPEC: Dtypes);
-    16-bit operands are exact in either mode."""
-    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    the setting does not affect 16-bit operands."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"

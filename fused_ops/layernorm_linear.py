@@ -46,7 +46,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
-from ._runtime import dot_upcast, max_shared_memory, pow2, rows, sm_count, use_triton
+from ._runtime import dot_precision, dot_upcast, max_shared_memory, pow2, rows, sm_count, use_triton
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
 ROWS_MAX_M = 16          # up to this many rows, large N also takes the rows kernel (W read once)
@@ -411,12 +411,6 @@ def contiguous_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
-def dot_precision(x: torch.Tensor) -> str:
-    """fp32 dots use tf32 only where torch would (SPEC: allow_tf32); other dtypes ignore this."""
-    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 else "ieee"
-
-
 @functools.lru_cache(maxsize=1024)
 def rows_config(M: int, N: int, K: int, n_sm: int, itemsize: int) -> dict:
     """Block sizes of the rows kernel (and the router), aiming at ~2 programs per SM. Cached (the
@@ -500,7 +494,7 @@ def _launch_rows(x, g, b, w, bias, y, eps):
         x, g if g is not None else x, b if b is not None else x, w, bias if bias is not None else x, y,
         acc_part, stat_part, col_part, M, N, K, k_chunk, x.stride(0), w.stride(0), y.stride(0), eps,
         HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x), **cfg)
+        DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype), **cfg)
     if split:
         finish_m, finish_n = min(16, pow2(M)), min(128, pow2(N))
         layernorm_linear_finish_kernel[(triton.cdiv(M, finish_m), triton.cdiv(N, finish_n))](
@@ -591,7 +585,7 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps):
         g = contiguous_vector(ln_weight)
         layernorm_linear_gemm_kernel[grid](
             x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
-            HAS_GAMMA=g is not None, EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x), **cfg)
+            HAS_GAMMA=g is not None, EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype), **cfg)
 
 
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import TL_DTYPE, dot_upcast, pow2, use_triton
+from ._runtime import TL_DTYPE, dot_precision, dot_upcast, pow2, use_triton
 from .topk import topk_tile
 
 MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, QPB_PAD] ownership tile)
@@ -299,10 +299,6 @@ def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, (t.stride(0) // d if t.dim() == 3 and t.shape[0] > 1 else 0)
 
 
-def _precision(t: torch.Tensor) -> str:
-    return "tf32" if t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
     """Scores [Nq, Nd] (k None) or top-k candidates ([Nq, groups * k] values, indices).
 
@@ -341,7 +337,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
-            UPCAST=dot_upcast(Q), PRECISION=_precision(Q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if k is not None:
         return out, idx
     return out[0] if rows.n_splits == 1 else out.sum(0)

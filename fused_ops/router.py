@@ -29,8 +29,8 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference
-from ._runtime import dot_upcast, pow2, rows, sm_count, use_triton
-from .layernorm_linear import (TILE_BUDGET, contiguous_vector, divisible_args, dot_precision, lane_sums, ln_dot_sums,
+from ._runtime import dot_precision, dot_upcast, pow2, rows, sm_count, use_triton
+from .layernorm_linear import (TILE_BUDGET, contiguous_vector, divisible_args, lane_sums, ln_dot_sums,
                                ln_project, ln_stats, load_affine, prev_pow2, row_pivot, row_starts, rows_config,
                                same_stamp, store_tile, version_stamp)
 from .softmax import LOG2E, _laplace, _softmax_laplace_op
@@ -178,7 +178,7 @@ def _logit_args(x, ln_weight, ln_bias, gate_weight, gate_bias, gating):
     pointers = (x, g if g is not None else x, b if b is not None else x, w, wb if wb is not None else x,
                 gate_sums(gate_weight, ln_weight, ln_bias))
     flags = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=wb is not None,
-                 LAPLACE=gating == "laplace", DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x))
+                 LAPLACE=gating == "laplace", DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype))
     return pointers, flags
 
 
