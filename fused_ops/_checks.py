@@ -67,20 +67,20 @@ def shape(op: str, name: str, t: Optional[torch.Tensor], expected: Sequence[int]
         raise ValueError(f"{op}: `{name}` must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
 
-def positive_finite(op: str, name: str, value) -> float:
+def _finite_number(op: str, name: str, value, above_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: `{name}` must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{op}: `{name}` must be finite and > 0, got {value}")
+    if not (math.isfinite(value) and (value > 0 if above_zero else value >= 0)):
+        raise ValueError(f"{op}: `{name}` must be finite and {'>' if above_zero else '>='} 0, got {value}")
     return float(value)
+
+
+def positive_finite(op: str, name: str, value) -> float:
+    return _finite_number(op, name, value, above_zero=True)
 
 
 def nonnegative_finite(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: `{name}` must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{op}: `{name}` must be finite and >= 0, got {value}")
-    return float(value)
+    return _finite_number(op, name, value, above_zero=False)
 
 
 def k_in_range(op: str, k, upper: int, upper_name: str) -> int:
