@@ -13,7 +13,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-SHARED_LIMIT = {90: 232448, 100: 232448, 120: 101376}    # bytes of shared memory per block
+from .tuning import FAMILY_CC, SHARED_LIMIT as _FAMILY_SHARED
+
+SHARED_LIMIT = {cc: _FAMILY_SHARED[family] for family, cc in FAMILY_CC.items()}   # bytes per block
 TARGETS = tuple(SHARED_LIMIT)
 # the tensor-core instruction each target's dots should lower to
 DOT_INSTRUCTION = {90: "wgmma", 100: "tcgen05.mma", 120: "mma.sync"}

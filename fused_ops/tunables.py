@@ -57,7 +57,7 @@ def moe_fits(config, family: str) -> bool:
     for g in (config.gemm1, config.gemm2):
         if tuning.smem_gemm(config.block_m, g.block_n, g.block_k, g.num_stages) > limit:
             return False
-        if not tuning.registers_ok({"num_warps": g.num_warps}, config.block_m * g.block_n):
+        if not tuning.registers_ok(g.num_warps, config.block_m * g.block_n):
             return False
     return True
 

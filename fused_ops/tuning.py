@@ -21,9 +21,7 @@ from typing import Callable, Optional
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 SHARED_LIMIT = {"sm_90": 232448, "sm_100": 232448, "sm_120": 101376, "generic": 101376}
-FAMILIES = tuple(SHARED_LIMIT)
 FAMILY_CC = {"sm_90": 90, "sm_100": 100, "sm_120": 120}
-REGISTERS_PER_SM = 65536
 
 
 def family_of(major: int, minor: int = 0) -> str:
@@ -39,14 +37,6 @@ def family_of(major: int, minor: int = 0) -> str:
 def device_key(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3' (the shipped file name)."""
     return "".join(c if c.isalnum() else "_" for c in name.strip())
-
-
-def m_bucket(m: int) -> int:
-    """Token counts round up to a power of two (min 16), so e.g. M=200 and M=256 share a config."""
-    b = 16
-    while b < m:
-        b *= 2
-    return b
 
 
 @dataclass
@@ -161,10 +151,9 @@ def smem_gemm(block_m: int, block_n: int, block_k: int, stages: int, elem_bytes:
     return (block_m + block_n) * block_k * elem_bytes * stages
 
 
-def registers_ok(config: dict, acc_elems: int) -> bool:
-    """fp32 accumulator per thread must leave room: at most 128 accumulator registers a thread."""
-    threads = 32 * config.get("num_warps", 4)
-    return acc_elems / threads <= 128
+def registers_ok(num_warps: int, acc_elems: int) -> bool:
+    """The fp32 accumulator must leave room: at most 128 accumulator registers a thread."""
+    return acc_elems / (32 * num_warps) <= 128
 
 
 def shipped_entries(kernel: str) -> list[tuple[tuple, str, dict]]:

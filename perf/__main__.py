@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from fused_ops.tuning import device_key
+
 from . import harness
 
 FAMILIES = ["gating", "router", "moe", "maxsim"]
@@ -26,7 +28,7 @@ def main(argv=None) -> None:
         raise SystemExit("python -m perf needs a CUDA GPU: the sweeps time kernels on the device")
 
     env = harness.environment()
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", harness.gpu_dirname(env["gpu"]))
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", device_key(env["gpu"]))
     os.makedirs(out, exist_ok=True)
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}: measuring ceilings")
     ceilings = harness.measure_ceilings()

@@ -45,10 +45,6 @@ def environment() -> dict:
             "date": _dt.date.today().isoformat()}
 
 
-def gpu_dirname(gpu_name: str) -> str:
-    return gpu_name.replace(" ", "_").replace("/", "_")
-
-
 def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     """Median milliseconds of fn() through triton.testing.do_bench (CUDA events, L2 flushed)."""
     from triton.testing import do_bench
