@@ -188,11 +188,17 @@ def check_moe_experts(x, weights, indices, w1, b1, w2, b2, activation, op="moe_e
         raise ValueError(f"{op}: `indices` must have at least one slot per token, got {tuple(indices.shape)}")
 
 
+def value_range(t: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor with a single device->host copy."""
+    lo, hi = torch.stack([t.min(), t.max()]).tolist()
+    return lo, hi
+
+
 def check_indices_range(indices: torch.Tensor, num_experts: int, op="moe_experts") -> None:
     """Value check: costs a sync on CUDA, so callers do it only where a sync is allowed."""
     if indices.numel() == 0:
         return
-    lo, hi = int(indices.min()), int(indices.max())
+    lo, hi = value_range(indices)
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"{op}: `indices` must lie in [0, {num_experts}) (E = w1.shape[0]), "
                          f"got values in [{lo}, {hi}]")
@@ -243,7 +249,7 @@ def _check_lengths(op, name, lengths, count, padded, min_value):
     if lengths.shape[0] != count:
         raise ValueError(f"{op}: `{name}` must have shape ({count},), got {tuple(lengths.shape)}")
     if lengths.numel() and C.can_sync(lengths):
-        lo, hi = int(lengths.min()), int(lengths.max())
+        lo, hi = value_range(lengths)
         if lo < min_value or hi > padded:
             raise ValueError(f"{op}: `{name}` must lie in [{min_value}, {padded}] (the padded length), "
                              f"got values in [{lo}, {hi}]")
@@ -280,10 +286,13 @@ def check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, op="maxs
     _check_lengths(op, "q_lengths", q_lengths, Q.shape[0], Q.shape[1], 1)
     if doc_offsets.numel() and C.can_sync(doc_offsets):
         T = D_packed.shape[0]
-        first, last = int(doc_offsets[0]), int(doc_offsets[-1])
+        # one device->host copy for all three facts
+        steps = doc_offsets[1:] - doc_offsets[:-1]
+        first, last, min_step = torch.stack([doc_offsets[0], doc_offsets[-1],
+                                             steps.min() if steps.numel() else doc_offsets[0] * 0]).tolist()
         if first < 0 or last > T:
             raise ValueError(f"{op}: `doc_offsets` must lie in [0, {T}] (D_packed rows), got first {first}, last {last}")
-        if doc_offsets.numel() > 1 and bool((doc_offsets[1:] < doc_offsets[:-1]).any()):
+        if min_step < 0:
             raise ValueError(f"{op}: `doc_offsets` must be non-decreasing, got a decrease")
 
 
