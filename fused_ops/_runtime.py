@@ -8,6 +8,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 # Under TRITON_INTERPRET=1 (the CPU test suite) the Triton kernels run on CPU tensors too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -23,6 +24,15 @@ TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16
 def use_triton(t: torch.Tensor) -> bool:
     """CUDA tensors go to the kernels; CPU tensors to the reference unless the interpreter is on."""
     return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
+
+
+def skips_dispatcher(t: torch.Tensor) -> bool:
+    """Whether an op called on `t` may run its function directly instead of through its custom op
+    (the dispatcher costs ~20 us of Python a call, more than a small kernel takes): a plain CUDA
+    tensor in eager mode with no dispatch mode active. Tracing (torch.compile and export see
+    FakeTensors), dispatch modes and CPU tensors go through the registered op."""
+    return (type(t) is torch.Tensor and t.is_cuda and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode())
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

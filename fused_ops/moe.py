@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import reference, tuning
-from ._runtime import TL_DTYPE, dot_precision, dot_upcast, use_triton
+from ._runtime import TL_DTYPE, dot_precision, dot_upcast, skips_dispatcher, use_triton
 from .moe_align import launch_moe_align
 
 ATOMIC_ENV = "FUSED_OPS_MOE_ATOMIC"
@@ -394,14 +394,16 @@ def offline_builds():
     return builds + moe_align.offline_builds(sorted({cfg.block_m for _, cfg, _ in configs}))
 
 
-@torch.library.custom_op("fused_ops::moe_experts", mutates_args=())
-def _moe_experts_op(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
+def _moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
                     b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
                     activation: str) -> torch.Tensor:
     if use_triton(x) and x.dtype in TL_DTYPE:
         return launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
     reference.check_indices_range(indices, w1.shape[0])
     return reference._moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
+
+
+_moe_experts_op = torch.library.custom_op("fused_ops::moe_experts", mutates_args=())(_moe_experts)
 
 
 @_moe_experts_op.register_fake
@@ -417,4 +419,5 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     On CUDA, rows of tokens with an index outside [0, E) come out NaN (no host sync to raise).
     """
     reference.check_moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
-    return _moe_experts_op(x, weights, indices, w1, b1, w2, b2, activation)
+    op = _moe_experts if skips_dispatcher(x) else _moe_experts_op
+    return op(x, weights, indices, w1, b1, w2, b2, activation)

@@ -2,8 +2,22 @@
 
 Each program takes BLOCK_M rows and all E experts (E <= MAX_FUSED_E): it streams its rows of x
 once (with the small gate weight, which stays in L2), builds the gate logits with the LayerNorm
-folded in (layernorm_linear.py's helpers and algebra), then softmax, smoothing and top-k run on
-the [BLOCK_M, E] logit tile in registers. Nothing but the k weights and indices is written.
+folded in (layernorm_linear.py's algebra), then softmax, smoothing and top-k run on the
+[BLOCK_M, E] logit tile in registers. Nothing but the k weights and indices is written.
+
+Two ways through K, one finish:
+- raw dot (16-bit x, narrow gates, many rows): x goes to tl.dot as loaded, against the cached
+  operand W' = W * gamma split in two 16-bit halves (hi, lo interleaved as rows 2e and 2e + 1, so
+  one dot of 2 * BLOCK_E columns carries both and ~2^-17 of W'). Products of 16-bit x are exact,
+  so the logits keep fp32 accuracy while the registers only shift x by the row's pivot for the
+  statistics. The pivot comes back in the finish: a @ W^T = x @ W'^T - pivot * (W' 1), with W' 1
+  the sum of the rounded halves (cached beside them).
+- pivot path (float32 x, few rows, wide gates): a = (x - pivot) * gamma in registers against W
+  (layernorm_linear's ln_dot_sums: tl.dot tiles of 16+ rows, else a broadcast product).
+Few rows split K over programs so the whole GPU streams x: each program writes its partial sums,
+and the last of a row block's programs (an atomic counter) adds them up and finishes, still in
+one launch. The counters reset themselves; each CUDA stream has its own, and a graph capture
+takes fresh zeroed ones (captured with it).
 
 gating="laplace" (FuseMoE's distance gate): logit_e = -||h - w_e|| with h = LN(x). From the same
 pass, with v_e = w_e - beta and h = rstd * (a - d * gamma) + beta (a = (x - pivot) * gamma,
@@ -12,15 +26,21 @@ d = mean - pivot):
     ||a - d gamma||^2 = a.a - 2 d a.gamma + d^2 gamma.gamma
 The row terms are sums of the K loop; the shift keeps d small, so nothing cancels but h ~ w_e
 itself (clamped at 0 before the square root).
-The terms that depend on the parameters alone (W @ gamma, W @ beta, v_e . gamma, ||v_e||^2,
-gamma . gamma) come from gate_sums_kernel, run once per version of (gate weight, LN weight, LN bias)
-and cached: the K loop keeps only work on x (a first call, or inference tensors, which keep no
-version, add that small launch).
-Wider E computes the logits with the same kernel tiled over experts, then the unfused ops.
+The terms that depend on the parameters alone (W' 1, W @ beta, v_e . gamma, ||v_e||^2,
+gamma . gamma, and the split operand) come from gate_sums_kernel, run once per version of
+(gate weight, LN weight, LN bias) and cached: the K loop keeps only work on x (a first call, or
+inference tensors, which keep no version, add that small launch).
+Wider E computes the logits with the same helpers tiled over experts, then the unfused ops.
+
+Accuracy of the raw dot: without the pivot inside the dot, x @ W'^T and pivot * W' 1 each round by
+~2^-24 |mean| |W'|, against logits of size std |W'|. 16-bit x bounds |mean| / std (~2^8 for bf16
+rows whose spread is a few units in the last place), a loss of ~2^-16 sqrt(K / BLOCK_K); a
+constant row (std 0) gets rstd = 0, LayerNorm's exact answer (h = beta).
 """
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -29,28 +49,34 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference
-from ._runtime import dot_precision, dot_upcast, pow2, rows, sm_count, use_triton
-from .layernorm_linear import (TILE_BUDGET, contiguous_vector, divisible_args, lane_sums, ln_dot_sums,
-                               ln_project, ln_stats, load_affine, prev_pow2, row_pivot, row_starts, rows_config,
+from ._runtime import dot_precision, dot_upcast, pow2, rows, sm_count, skips_dispatcher, use_triton
+from .layernorm_linear import (TILE_BUDGET, contiguous_vector, divisible_args, dot_nt, ln_dot_sums, ln_project,
+                               ln_stats, load_affine, load_k, prev_pow2, row_pivot, row_starts, rows_config,
                                same_stamp, store_tile, version_stamp)
 from .softmax import LOG2E, _laplace, _softmax_laplace_op
 from .topk import _topk_gating_op, topk_tile
 
 MAX_FUSED_E = 512      # widest expert row one program holds for softmax and top-k
+NARROW_E = 8           # up to this many experts the router takes its own blocks (below), else rows_config's
+RAW_DOT_ROWS_PER_SM = 2  # rows per SM from which narrow 16-bit gates take the raw dot
 N_GATE_SUMS = 5        # rows of gate_sums_kernel's output
+ROW_SUMS = tl.constexpr(4)   # partial row sums a K slice hands to the finishing program: s1, s2, aa, ag
 
 
 @triton.jit
-def gate_sums_kernel(w_ptr, g_ptr, b_ptr, sums_ptr, E, K, stride_w, HAS_GAMMA: tl.constexpr,
-                     HAS_BETA: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """sums [N_GATE_SUMS, E] fp32: W @ gamma, W @ beta, v_e . gamma, ||v_e||^2 (v_e = w_e - beta) and
-    gamma . gamma (in every column), for experts col."""
+def gate_sums_kernel(w_ptr, g_ptr, b_ptr, sums_ptr, op_ptr, E, K, stride_w, HAS_GAMMA: tl.constexpr,
+                     HAS_BETA: tl.constexpr, SPLIT_OPERAND: tl.constexpr, BLOCK_E: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """sums [N_GATE_SUMS, E] fp32: W' 1 (W' = W * gamma), W @ beta, v_e . gamma, ||v_e||^2
+    (v_e = w_e - beta) and gamma . gamma (in every column), for experts col.
+    SPLIT_OPERAND: also op[2e] = hi, op[2e + 1] = lo, with hi + lo = W'[e] to ~2^-17 (16-bit), and
+    W' 1 adds up those rounded halves (the raw dot's pivot correction must match its operand)."""
     col = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     w_rows = row_starts(w_ptr, col, E, stride_w)
-    wg = tl.zeros([BLOCK_E, BLOCK_K // 8], tl.float32)
-    wb = tl.zeros([BLOCK_E, BLOCK_K // 8], tl.float32)
-    vg = tl.zeros([BLOCK_E, BLOCK_K // 8], tl.float32)
-    vv = tl.zeros([BLOCK_E, BLOCK_K // 8], tl.float32)
+    wg = tl.zeros([BLOCK_E], tl.float32)
+    wb = tl.zeros([BLOCK_E], tl.float32)
+    vg = tl.zeros([BLOCK_E], tl.float32)
+    vv = tl.zeros([BLOCK_E], tl.float32)
     gg = tl.zeros([BLOCK_K], tl.float32)
     lane = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -58,35 +84,102 @@ def gate_sums_kernel(w_ptr, g_ptr, b_ptr, sums_ptr, E, K, stride_w, HAS_GAMMA: t
         k_ok = kk < K
         w = tl.load(w_rows[:, None] + kk[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
         g, b = load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA, HAS_BETA, False)
+        folded = w * g[None, :]
+        if SPLIT_OPERAND:
+            hi = folded.to(op_ptr.dtype.element_ty)
+            lo = (folded - hi.to(tl.float32)).to(op_ptr.dtype.element_ty)
+            op = op_ptr + (2 * col).to(tl.int64)[:, None] * K + kk[None, :]
+            op_ok = (col < E)[:, None] & k_ok[None, :]
+            tl.store(op, hi, mask=op_ok)
+            tl.store(op + K, lo, mask=op_ok)
+            folded = hi.to(tl.float32) + lo.to(tl.float32)
         v = w - b[None, :]
-        wg += lane_sums(w * g[None, :])
-        wb += lane_sums(w * b[None, :])
-        vg += lane_sums(v * g[None, :])
-        vv += lane_sums(v * v)
+        wg += tl.sum(folded, axis=1)
+        wb += tl.sum(w * b[None, :], axis=1)
+        vg += tl.sum(v * g[None, :], axis=1)
+        vv += tl.sum(v * v, axis=1)
         gg += g * g
     ok = col < E
-    tl.store(sums_ptr + col, tl.sum(wg, axis=1), mask=ok)
-    tl.store(sums_ptr + E + col, tl.sum(wb, axis=1), mask=ok)
-    tl.store(sums_ptr + 2 * E + col, tl.sum(vg, axis=1), mask=ok)
-    tl.store(sums_ptr + 3 * E + col, tl.sum(vv, axis=1), mask=ok)
+    tl.store(sums_ptr + col, wg, mask=ok)
+    tl.store(sums_ptr + E + col, wb, mask=ok)
+    tl.store(sums_ptr + 2 * E + col, vg, mask=ok)
+    tl.store(sums_ptr + 3 * E + col, vv, mask=ok)
     tl.store(sums_ptr + 4 * E + col, tl.zeros([BLOCK_E], tl.float32) + tl.sum(gg, axis=0), mask=ok)
 
 
 @triton.jit
-def router_logits_tile(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, row, col, M, E, K, stride_x, stride_w, eps,
-                       HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       LAPLACE: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
-                       DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """fp32 gate logits [BM, BE] of rows `row` for experts `col`: LN(x) . w_e, or -||LN(x) - w_e||, plus
-    the gate bias; one pass over x, the parameter terms from `sums` (gate_sums_kernel). Rows and
-    experts past M and E hold garbage (never stored)."""
-    x_rows = row_starts(x_ptr, row, M, stride_x)
-    acc, s1, s2, _, _, aa, ag = ln_dot_sums(
-        x_rows, row_pivot(x_rows, K, BLOCK_K), row_starts(w_ptr, col, E, stride_w), g_ptr, b_ptr, 0, K, K,
-        HAS_GAMMA, HAS_BETA, False, LAPLACE, EVEN_K, USE_DOT, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
-    d, rstd = ln_stats(s1, s2, K, eps)
+def raw_dot_sums(x_rows, pivot, op_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAMMA: tl.constexpr,
+                 HAS_BETA: tl.constexpr, DISTANCE: tl.constexpr, EVEN_K: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                 STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The raw-dot pass over columns k_start:k_stop: (acc [BM, BB // 2] = x @ W'^T (minus a . beta for
+    DISTANCE), s1, s2, aa, ag as in ln_dot_sums); op_rows point at the 2 * BLOCK_E interleaved
+    (hi, lo) rows. The pivot is not taken out of acc (the finish does, once per row)."""
+    BM: tl.constexpr = x_rows.shape[0]
+    BB: tl.constexpr = op_rows.shape[0]
+    acc = tl.zeros([BM, BB], tl.float32)
+    s1 = tl.zeros([BM, BLOCK_K], tl.float32)       # per-element sums, reduced once after the loop
+    s2 = tl.zeros([BM, BLOCK_K], tl.float32)
+    aa = tl.zeros([BM, BLOCK_K], tl.float32)
+    ag = tl.zeros([BM, BLOCK_K], tl.float32)
+    ab = tl.zeros([BM, BLOCK_K], tl.float32)
+    lane = tl.arange(0, BLOCK_K)
+    for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
+        kk = k0 + lane
+        k_ok = kk < K
+        x = load_k(x_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K)
+        acc = dot_nt(x, load_k(op_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K), acc, DOT_UPCAST)
+        xs = x.to(tl.float32) - pivot[:, None]
+        if not EVEN_K:
+            xs = tl.where(k_ok[None, :], xs, 0.0)
+        s1 += xs
+        s2 += xs * xs
+        if DISTANCE:
+            g, b = load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA, HAS_BETA, EVEN_K)
+            a = xs * g[None, :]
+            aa += a * a
+            ag += a * g[None, :]
+            ab += a * b[None, :]
+    s1 = tl.sum(s1, axis=1)
+    s2 = tl.sum(s2, axis=1)
+    aa = tl.sum(aa, axis=1)
+    ag = tl.sum(ag, axis=1)
+    ab = tl.sum(ab, axis=1)
+    acc = tl.sum(tl.reshape(acc, [BM, BB // 2, 2]), axis=2)       # hi + lo of each expert
+    if DISTANCE:
+        acc -= ab[:, None]
+    return acc, s1, s2, aa, ag
+
+
+@triton.jit
+def router_partial_sums(x_rows, pivot, w_ptr, g_ptr, b_ptr, col, k_start, k_stop, K, stride_w, E,
+                        BLOCK_E: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                        LAPLACE: tl.constexpr, RAW_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                        USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(acc [BM, BLOCK_E], s1, s2, aa, ag) of columns k_start:k_stop, by either path (module doc).
+    Masks stop at k_stop (slices need not be whole BLOCK_K steps; EVEN_K: they and K are)."""
+    if RAW_DOT:                                    # w_ptr is the split operand [2 * BLOCK_E, K]
+        acc, s1, s2, aa, ag = raw_dot_sums(
+            x_rows, pivot, row_starts(w_ptr, tl.arange(0, 2 * BLOCK_E), 2 * BLOCK_E, K), g_ptr, b_ptr, k_start,
+            k_stop, k_stop, HAS_GAMMA, HAS_BETA, LAPLACE, EVEN_K, DOT_UPCAST, STAGES, BLOCK_K)
+    else:
+        acc, s1, s2, _, _, aa, ag = ln_dot_sums(
+            x_rows, pivot, row_starts(w_ptr, col, E, stride_w), g_ptr, b_ptr, k_start, k_stop, k_stop, HAS_GAMMA,
+            HAS_BETA, False, LAPLACE, EVEN_K, USE_DOT, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
+    return acc, s1, s2, aa, ag
+
+
+@triton.jit
+def router_logits_finish(acc, s1, s2, aa, ag, pivot, col, sums_ptr, wb_ptr, E, K, eps, HAS_BIAS: tl.constexpr,
+                         LAPLACE: tl.constexpr, RAW_DOT: tl.constexpr):
+    """fp32 gate logits [BM, BE] from a row block's sums over all of K: LN(x) . w_e, or -||LN(x) - w_e||,
+    plus the gate bias. Rows and experts past M and E hold garbage (never stored)."""
     col_ok = col < E
+    wg = tl.load(sums_ptr + col, mask=col_ok, other=0.0)
+    if RAW_DOT:                                    # x @ W'^T -> a @ W^T
+        acc -= pivot[:, None] * wg[None, :]
+    d, rstd = ln_stats(s1, s2, K, eps)
+    rstd = tl.where(s2 == 0.0, 0.0, rstd)          # a constant row: h = beta exactly (NaN stays NaN)
     if LAPLACE:
         vg = tl.load(sums_ptr + 2 * E + col, mask=col_ok, other=0.0)
         vv = tl.load(sums_ptr + 3 * E + col, mask=col_ok, other=0.0)
@@ -94,157 +187,255 @@ def router_logits_tile(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, row, col, M
         sq = hh[:, None] - 2.0 * rstd[:, None] * (acc - d[:, None] * vg[None, :]) + vv[None, :]
         logits = -tl.sqrt_rn(tl.where(sq < 0.0, 0.0, sq))     # rounding below 0 clamps; NaN stays NaN
     else:
-        wg = tl.load(sums_ptr + col, mask=col_ok, other=0.0)
         logits = ln_project(acc, d, rstd, wg, tl.load(sums_ptr + E + col, mask=col_ok, other=0.0))
     if HAS_BIAS:
-        logits += tl.load(wb_ptr + col, mask=col < E, other=0.0).to(tl.float32)[None, :]
+        logits += tl.load(wb_ptr + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return logits
 
 
 @triton.jit
-def fused_router_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, weights_ptr, indices_ptr, M, E, K, k, stride_x,
-                        stride_w, eps, scale, alpha_scaled, inv_norm, HAS_GAMMA: tl.constexpr,
-                        HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr, LAPLACE: tl.constexpr,
-                        RENORMALIZE: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
+def fused_router_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, part_ptr, stat_ptr, count_ptr, weights_ptr,
+                        indices_ptr, M, E, K, k, k_chunk, stride_x, stride_w, eps, scale, alpha_scaled, inv_norm,
+                        HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        LAPLACE: tl.constexpr, RENORMALIZE: tl.constexpr, RAW_DOT: tl.constexpr,
+                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
                         DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_TOPK: tl.constexpr):
-    """BLOCK_M rows, all experts; `scale` = log2(e) / temperature."""
+    """Program (i, s): rows block i, all experts, K slice s (k_chunk columns); `scale` = log2(e) / T.
+
+    SPLITS > 1: each slice stores its sums to part [S, M, BLOCK_E] and stat [S, ROW_SUMS, M]; the
+    last slice of the row block to arrive (count[i] reaches SPLITS - 1) adds them up, resets
+    count[i] to 0 and finishes. Its loads bypass L1 (.cg): the parts were written by other SMs."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_E)
     row_ok = row < M
     col_ok = col < E
-    logits = router_logits_tile(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, row, col, M, E, K, stride_x,
-                                stride_w, eps, HAS_GAMMA, HAS_BETA, HAS_BIAS, LAPLACE, EVEN_K, USE_DOT, DOT_UPCAST,
-                                PRECISION, STAGES, BLOCK_K)
-    z = tl.where(col_ok[None, :], logits * scale, float("-inf"))
-    e = tl.exp2(z - tl.max(z, axis=1)[:, None])               # padding lanes: exp2(-inf) = 0
-    p = _laplace(e, 1.0 / tl.sum(e, axis=1)[:, None], alpha_scaled, inv_norm)
-    valid = row_ok[:, None] & col_ok[None, :]
-    values, indices = topk_tile(p, col[None, :], valid, k, BLOCK_TOPK)
-    if RENORMALIZE:
-        values = values / tl.sum(values, axis=1)[:, None]
-    slot = tl.arange(0, BLOCK_TOPK)[None, :]
-    out = row.to(tl.int64)[:, None] * k + slot
-    out_ok = row_ok[:, None] & (slot < k)
-    tl.store(weights_ptr + out, values, mask=out_ok)
-    tl.store(indices_ptr + out, indices, mask=out_ok)
+    x_rows = row_starts(x_ptr, row, M, stride_x)
+    pivot = row_pivot(x_rows, K, BLOCK_K)
+    k_start = tl.program_id(1) * k_chunk
+    acc, s1, s2, aa, ag = router_partial_sums(
+        x_rows, pivot, w_ptr, g_ptr, b_ptr, col, k_start, tl.minimum(k_start + k_chunk, K), K, stride_w, E, BLOCK_E,
+        HAS_GAMMA, HAS_BETA, LAPLACE, RAW_DOT, EVEN_K, USE_DOT, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
+    last = True
+    if SPLITS > 1:
+        split = tl.program_id(1).to(tl.int64)
+        store_tile(part_ptr + split * M * BLOCK_E, BLOCK_E, row, col, M, BLOCK_E, acc)
+        stats = stat_ptr + split * ROW_SUMS * M + row
+        tl.store(stats, s1, mask=row_ok)
+        tl.store(stats + M, s2, mask=row_ok)
+        tl.store(stats + 2 * M, aa, mask=row_ok)
+        tl.store(stats + 3 * M, ag, mask=row_ok)
+        tl.debug_barrier()                         # every thread's parts are written before the count
+        last = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu") == SPLITS - 1
+        if last:
+            tile_ok = row_ok[:, None] & (col < BLOCK_E)[None, :]
+            parts = part_ptr + row.to(tl.int64)[:, None] * BLOCK_E + col[None, :]
+            stats = stat_ptr + row
+            acc = tl.zeros([BLOCK_M, BLOCK_E], tl.float32)
+            s1 = tl.zeros([BLOCK_M], tl.float32)
+            s2 = tl.zeros([BLOCK_M], tl.float32)
+            aa = tl.zeros([BLOCK_M], tl.float32)
+            ag = tl.zeros([BLOCK_M], tl.float32)
+            for _ in range(SPLITS):                # slice order: the same bits on every run
+                acc += tl.load(parts, mask=tile_ok, other=0.0, cache_modifier=".cg")
+                s1 += tl.load(stats, mask=row_ok, other=0.0, cache_modifier=".cg")
+                s2 += tl.load(stats + M, mask=row_ok, other=0.0, cache_modifier=".cg")
+                aa += tl.load(stats + 2 * M, mask=row_ok, other=0.0, cache_modifier=".cg")
+                ag += tl.load(stats + 3 * M, mask=row_ok, other=0.0, cache_modifier=".cg")
+                parts += M * BLOCK_E
+                stats += ROW_SUMS * M
+            tl.store(count_ptr + tl.program_id(0), 0)
+    if last:
+        logits = router_logits_finish(acc, s1, s2, aa, ag, pivot, col, sums_ptr, wb_ptr, E, K, eps, HAS_BIAS,
+                                      LAPLACE, RAW_DOT)
+        z = tl.where(col_ok[None, :], logits * scale, float("-inf"))
+        e = tl.exp2(z - tl.max(z, axis=1)[:, None])               # padding lanes: exp2(-inf) = 0
+        p = _laplace(e, 1.0 / tl.sum(e, axis=1)[:, None], alpha_scaled, inv_norm)
+        valid = row_ok[:, None] & col_ok[None, :]
+        values, indices = topk_tile(p, col[None, :], valid, k, BLOCK_TOPK)
+        if RENORMALIZE:
+            values = values / tl.sum(values, axis=1)[:, None]
+        slot = tl.arange(0, BLOCK_TOPK)[None, :]
+        out = row.to(tl.int64)[:, None] * k + slot
+        out_ok = row_ok[:, None] & (slot < k)
+        tl.store(weights_ptr + out, values, mask=out_ok)
+        tl.store(indices_ptr + out, indices, mask=out_ok)
 
 
 @triton.jit
 def router_logits_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, logits_ptr, M, E, K, stride_x, stride_w, eps,
                          HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         LAPLACE: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
-                         DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """E > MAX_FUSED_E: fp32 logits [M, E] in (rows, experts) blocks, for the unfused softmax and top-k."""
+                         LAPLACE: tl.constexpr, RAW_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+                         USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                         STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """E > MAX_FUSED_E: fp32 logits [M, E] in (rows, experts) blocks, for the unfused softmax and
+    top-k (RAW_DOT: one expert block, w_ptr the split operand)."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    logits = router_logits_tile(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, row, col, M, E, K, stride_x,
-                                stride_w, eps, HAS_GAMMA, HAS_BETA, HAS_BIAS, LAPLACE, EVEN_K, USE_DOT, DOT_UPCAST,
-                                PRECISION, STAGES, BLOCK_K)
+    x_rows = row_starts(x_ptr, row, M, stride_x)
+    pivot = row_pivot(x_rows, K, BLOCK_K)
+    acc, s1, s2, aa, ag = router_partial_sums(
+        x_rows, pivot, w_ptr, g_ptr, b_ptr, col, 0, K, K, stride_w, E, BLOCK_E, HAS_GAMMA, HAS_BETA, LAPLACE,
+        RAW_DOT, EVEN_K, USE_DOT, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
+    logits = router_logits_finish(acc, s1, s2, aa, ag, pivot, col, sums_ptr, wb_ptr, E, K, eps, HAS_BIAS, LAPLACE,
+                                  RAW_DOT)
     store_tile(logits_ptr, E, row, col, M, E, logits)
 
 
-# gate weight -> (stamp of (gate weight, ln_weight, ln_bias), gate_sums_kernel's output); entries die
+# gate weight -> (stamp of (gate weight, ln_weight, ln_bias), sums, split operand or None); entries die
 # with the weight
 _GATE_SUMS = WeakTensorKeyDictionary()
 
 
-def gate_sums(gate_weight, ln_weight, ln_bias) -> torch.Tensor:
-    """[N_GATE_SUMS, E] fp32 (gate_sums_kernel), cached until any of the three tensors changes."""
+def raw_dot_block_e(E: int) -> int:
+    """Experts per raw-dot tile: its 2 * BLOCK_E operand rows fill one tl.dot (16+ columns)."""
+    return max(8, pow2(E))
+
+
+def gate_sums(gate_weight, ln_weight, ln_bias) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """([N_GATE_SUMS, E] fp32, the raw dot's split operand [2 * raw_dot_block_e(E), K] or None) from
+    gate_sums_kernel, cached until any of the three tensors changes. The operand exists for 16-bit
+    gates of up to NARROW_E experts (the raw dot's)."""
     key = (gate_weight, ln_weight, ln_bias)
     cached = _GATE_SUMS.get(gate_weight)
     if cached is not None and same_stamp(cached[0], key):
-        return cached[1]
+        return cached[1], cached[2]
     w = rows(gate_weight)
     E, K = w.shape
     g, b = contiguous_vector(ln_weight), contiguous_vector(ln_bias)
     sums = torch.empty((N_GATE_SUMS, E), dtype=torch.float32, device=w.device)
+    split = w.dtype != torch.float32 and E <= NARROW_E
+    op = torch.zeros((2 * raw_dot_block_e(E), K), dtype=w.dtype, device=w.device) if split else None
     block_e = min(16, pow2(E))
     gate_sums_kernel[(triton.cdiv(E, block_e),)](
-        w, g if g is not None else w, b if b is not None else w, sums, E, K, w.stride(0), HAS_GAMMA=g is not None,
-        HAS_BETA=b is not None, BLOCK_E=block_e, BLOCK_K=min(128, pow2(K, 16)), num_warps=4)
+        w, g if g is not None else w, b if b is not None else w, sums, op if split else w, E, K, w.stride(0),
+        HAS_GAMMA=g is not None, HAS_BETA=b is not None, SPLIT_OPERAND=split, BLOCK_E=block_e,
+        BLOCK_K=min(128, pow2(K, 16)), num_warps=4)
     stamp = version_stamp(key)
     if stamp is not None:
-        _GATE_SUMS[gate_weight] = (stamp, sums)
-    return sums
+        _GATE_SUMS[gate_weight] = (stamp, sums, op)
+    return sums, op
 
 
-def _logit_args(x, ln_weight, ln_bias, gate_weight, gate_bias, gating):
-    """The pointer and flag arguments the two router kernels share (x and gate_weight as [rows, K])."""
-    g, b, wb = contiguous_vector(ln_weight), contiguous_vector(ln_bias), contiguous_vector(gate_bias)
-    w = rows(gate_weight)
-    pointers = (x, g if g is not None else x, b if b is not None else x, w, wb if wb is not None else x,
-                gate_sums(gate_weight, ln_weight, ln_bias))
-    flags = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=wb is not None,
-                 LAPLACE=gating == "laplace", DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype))
-    return pointers, flags
+# (device, stream) -> int32 counters of the split-K finish, all zero between launches
+_COUNTERS: dict = {}
+_COUNTERS_LOCK = threading.Lock()
 
 
-NARROW_E = 8           # up to this many experts the router takes its own blocks (below), else rows_config's
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed counters for one launch. Launches on one stream run in order and leave them zero,
+    so each stream keeps its own; a CUDA-graph capture gets fresh ones, zeroed inside the graph,
+    since its replays may run beside any stream."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    with _COUNTERS_LOCK:
+        counters = _COUNTERS.get((device, stream))
+        if counters is None or counters.numel() < n:
+            counters = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+            _COUNTERS[(device, stream)] = counters
+    return counters
+
+
+def make_config(E: int, K: int, *, block_m: int, block_k: int, stages: int, num_warps: int, splits: int = 1,
+                raw_dot: bool = False) -> dict:
+    """A narrow-gate (E <= NARROW_E) launch config: the raw dot, the pivot path's tl.dot tiles (16+
+    rows) or its broadcast product (fewer), with K cut into `splits` slices of whole 16-column runs."""
+    k_chunk = triton.cdiv(triton.cdiv(K, splits), 16) * 16 if splits > 1 else K
+    block_k = max(16, min(block_k, pow2(k_chunk)))
+    use_dot = raw_dot or block_m >= 16
+    block_e = raw_dot_block_e(E) if raw_dot else max(16, pow2(E)) if use_dot else pow2(E)
+    return dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k, EVEN_K=k_chunk % block_k == 0 and K % block_k == 0,
+                USE_DOT=use_dot, RAW_DOT=raw_dot, STAGES=stages, SPLITS=triton.cdiv(K, k_chunk), k_chunk=k_chunk,
+                num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=1024)
-def _kernel_config(M: int, E: int, K: int, n_sm: int, itemsize: int, laplace: bool) -> dict:
-    """Blocks of the router kernels (experts are rows_config's columns); cached, callers must not
-    modify the dict.
+def _kernel_config(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: bool) -> dict:
+    """Blocks, K slices (SPLITS of k_chunk columns) and path of the router kernels; cached, callers
+    must not modify the dict. raw_dot: 16-bit x and gate (the split operand exists).
 
-    Narrow gates (E <= NARROW_E, FuseMoE's E=8) were measured on an H200 at K=8320 (bf16): with 8+
-    rows per SM, tl.dot tiles of 16 rows (M=2048: 55 us against 207 for rows_config's 4-row
-    broadcast tiles, with 512-byte K steps before the split-operand dot) up to 32 rows, 4 warps,
-    128-byte K steps (M=8192: 92 us, distance gate 104; 256-byte steps 101 and 120, 16 rows 104,
-    8 warps 108; 512-byte steps ran 77 us but spill under triton 3.9, and so do 16 rows of them;
-    3 to 6 stages time the same). Fewer rows keep 1-2 rows per program, 1024-wide K steps and 4
-    warps (M=32: 11.4 us graph time, distance gate 16.7)."""
+    Narrow gates (E <= NARROW_E, FuseMoE's E=8) with 8+ rows per SM stream x through the raw dot
+    (float32: the pivot path's tl.dot tiles). Fewer rows take 1-2 rows per program with a broadcast
+    product and split K until the grid has about one program per SM (at M=32: 32 rows x 4
+    slices). Wider gates: rows_config's blocks."""
     if E > NARROW_E:
-        return {("BLOCK_E" if name == "BLOCK_N" else name): value
-                for name, value in rows_config(M, E, K, n_sm, itemsize).items()}
-    if M >= 8 * n_sm:
-        block_m = min(32, max(16, prev_pow2(M // n_sm)))
-        block_e, use_dot, stages = 16, True, 3
-        block_k = 128 // itemsize      # wider steps spill (the split operand doubles the dot's tiles)
-    else:                              # 3 stages of 1024-wide fp32 steps spill on sm_100
-        block_m, block_e, use_dot, stages = min(2, prev_pow2(M // n_sm)), pow2(E), False, 2
-        block_k = min(1024, TILE_BUDGET // (block_m * block_e))
-    block_k = max(16, min(block_k, pow2(K)))
-    return dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k, EVEN_K=K % block_k == 0, USE_DOT=use_dot,
-                STAGES=stages, num_warps=4)
+        cfg = {("BLOCK_E" if name == "BLOCK_N" else name): value
+               for name, value in rows_config(M, E, K, n_sm, itemsize).items()}
+        return dict(cfg, RAW_DOT=False, SPLITS=1, k_chunk=K)
+    if raw_dot and M >= RAW_DOT_ROWS_PER_SM * n_sm:
+        block_m = 64
+        splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
+        return make_config(E, K, block_m=block_m, block_k=128, stages=6, num_warps=8, splits=splits, raw_dot=True)
+    if not raw_dot and M >= 8 * n_sm:            # float32: the pivot path's tl.dot tiles
+        return make_config(E, K, block_m=min(32, max(16, prev_pow2(M // n_sm))), block_k=128 // itemsize, stages=3,
+                           num_warps=4)
+    block_m = min(2, prev_pow2(M // n_sm))
+    splits = max(1, min(2 * n_sm // triton.cdiv(M, block_m), K // 512))
+    return make_config(E, K, block_m=block_m, block_k=min(2048, 16384 // (block_m * pow2(E))), stages=2,
+                       num_warps=4, splits=splits)
+
+
+def raw_dot_ok(x, gate_weight) -> bool:
+    """The raw dot needs 16-bit x and a gate of the same dtype with at most NARROW_E experts."""
+    return x.dtype != torch.float32 and gate_weight.dtype == x.dtype and gate_weight.shape[0] <= NARROW_E
+
+
+def _logit_args(x, ln_weight, ln_bias, gate_weight, gate_bias, gating, raw_dot):
+    """The pointer and flag arguments the two router kernels share (x and gate_weight as [rows, K]);
+    raw_dot puts the split operand in gate_weight's place (the launch flag RAW_DOT comes from the config)."""
+    g, b, wb = contiguous_vector(ln_weight), contiguous_vector(ln_bias), contiguous_vector(gate_bias)
+    sums, op = gate_sums(gate_weight, ln_weight, ln_bias)
+    w = op if raw_dot else rows(gate_weight)
+    pointers = (x, g if g is not None else x, b if b is not None else x, w, wb if wb is not None else x, sums)
+    flags = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=wb is not None,
+                 LAPLACE=gating == "laplace", DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype))
+    return pointers, flags, w.stride(0)
 
 
 def launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating) -> torch.Tensor:
     """fp32 gate logits [..., E] (the path for E > MAX_FUSED_E; any E works)."""
     x2 = rows(x)
-    w = rows(gate_weight)
     M, K = x2.shape
-    E = w.shape[0]
+    E = gate_weight.shape[0]
     logits = torch.empty((M, E), dtype=torch.float32, device=x.device)
     if M > 0:
-        pointers, flags = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating)
-        cfg = _kernel_config(M, E, K, sm_count(x.device), x.element_size(), gating == "laplace")
+        n_sm, raw_dot = sm_count(x.device), raw_dot_ok(x2, gate_weight)
+        pointers, flags, stride_w = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating, raw_dot)
+        cfg = dict(_kernel_config(max(M, 8 * n_sm), E, K, n_sm, x.element_size(), raw_dot))   # no K slices
+        cfg.pop("SPLITS"), cfg.pop("k_chunk")
         router_logits_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(E, cfg["BLOCK_E"]))](
-            *pointers, logits, M, E, K, x2.stride(0), w.stride(0), eps, **flags, **cfg)
+            *pointers, logits, M, E, K, x2.stride(0), stride_w, eps, **flags, **cfg)
     return logits.reshape(*x.shape[:-1], E)
 
 
 def launch_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps, renormalize,
-                        gating):
+                        gating, config=None):
+    """config: blocks as _kernel_config returns them (a tuner's or a benchmark's), else that table's."""
     E = gate_weight.shape[0]
     if E > MAX_FUSED_E:
         logits = launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating)
         return _topk_gating_op(_softmax_laplace_op(logits, temperature, alpha), k, renormalize)
     x2 = rows(x)
-    w = rows(gate_weight)
     M, K = x2.shape
     weights = torch.empty((M, k), dtype=torch.float32, device=x.device)
     indices = torch.empty((M, k), dtype=torch.int32, device=x.device)
     if M > 0:
-        pointers, flags = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating)
-        cfg = _kernel_config(M, E, K, sm_count(x.device), x.element_size(), gating == "laplace")
+        n_sm, raw_dot = sm_count(x.device), raw_dot_ok(x2, gate_weight)
+        cfg = dict(config or _kernel_config(M, E, K, n_sm, x.element_size(), raw_dot))
+        pointers, flags, stride_w = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating,
+                                                cfg["RAW_DOT"])
+        blocks, splits = triton.cdiv(M, cfg["BLOCK_M"]), cfg["SPLITS"]
+        f32 = dict(dtype=torch.float32, device=x.device)
+        part = torch.empty((splits, M, cfg["BLOCK_E"]), **f32) if splits > 1 else weights
+        stat = torch.empty((splits, ROW_SUMS.value, M), **f32) if splits > 1 else weights
+        count = split_counters(x.device, blocks) if splits > 1 else indices
         inv_norm = 1.0 / (1.0 + alpha * E)
-        fused_router_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            *pointers, weights, indices, M, E, K, k, x2.stride(0), w.stride(0), eps, LOG2E / temperature,
-            alpha * inv_norm, inv_norm, **flags, RENORMALIZE=renormalize, BLOCK_TOPK=pow2(k), **cfg)
+        fused_router_kernel[(blocks, splits)](
+            *pointers, part, stat, count, weights, indices, M, E, K, k, stride_x=x2.stride(0), stride_w=stride_w,
+            eps=eps, scale=LOG2E / temperature, alpha_scaled=alpha * inv_norm, inv_norm=inv_norm, **flags,
+            RENORMALIZE=renormalize, BLOCK_TOPK=pow2(k), **cfg)
     out_shape = (*x.shape[:-1], k)
     return weights.reshape(out_shape), indices.reshape(out_shape)
 
@@ -254,33 +445,36 @@ def offline_builds():
     K = 8320
     builds = []
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        types = {**{n: f"*{dt}" for n in ("x_ptr", "g_ptr", "b_ptr", "w_ptr", "wb_ptr")},
+        types = {**{n: f"*{dt}" for n in ("x_ptr", "g_ptr", "b_ptr", "w_ptr", "wb_ptr", "op_ptr")},
                  "weights_ptr": "*fp32", "indices_ptr": "*i32", "logits_ptr": "*fp32", "sums_ptr": "*fp32",
-                 **{n: "i32" for n in ("M", "E", "K", "k", "stride_x", "stride_w")},
+                 "part_ptr": "*fp32", "stat_ptr": "*fp32", "count_ptr": "*i32",
+                 **{n: "i32" for n in ("M", "E", "K", "k", "k_chunk", "stride_x", "stride_w")},
                  **{n: "fp32" for n in ("eps", "scale", "alpha_scaled", "inv_norm")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
+        raw_dot = dt != "fp32"
         for M, E, k in ((32, 8, 4), (2048, 8, 4), (8192, 8, 4), (32, 512, 8), (8192, 512, 8)):
-            divisible = divisible_args(M=M, E=E, K=K, k=k, stride_x=K, stride_w=K)
+            cfg = dict(_kernel_config(M, E, K, n_sm=132, itemsize=dtype.itemsize, raw_dot=raw_dot and E <= NARROW_E))
+            warps = cfg.pop("num_warps")
+            divisible = divisible_args(M=M, E=E, K=K, k=k, k_chunk=cfg.pop("k_chunk"), stride_x=K,
+                                       stride_w=K)
             for laplace in (False, True):
-                cfg = dict(_kernel_config(M, E, K, n_sm=132, itemsize=dtype.itemsize, laplace=laplace))
-                warps = cfg.pop("num_warps")
                 builds.append(KernelBuild(f"router_{dt}_M{M}_E{E}{'_laplace' if laplace else ''}",
                                           fused_router_kernel, types,
                                           {**flags, **cfg, "LAPLACE": laplace, "RENORMALIZE": True,
                                            "BLOCK_TOPK": pow2(k)}, num_warps=warps, divisible=divisible))
-        cfg = dict(_kernel_config(8192, 1024, K, n_sm=132, itemsize=dtype.itemsize, laplace=True))
+        cfg = dict(_kernel_config(8192, 1024, K, n_sm=132, itemsize=dtype.itemsize, raw_dot=False))
         warps = cfg.pop("num_warps")
+        cfg.pop("SPLITS"), cfg.pop("k_chunk")
         builds.append(KernelBuild(f"router_logits_{dt}_E1024", router_logits_kernel, types,
                                   {**flags, **cfg, "LAPLACE": True}, num_warps=warps,
                                   divisible=divisible_args(M=8192, E=1024, K=K, stride_x=K, stride_w=K)))
         builds.append(KernelBuild(f"router_gate_sums_{dt}", gate_sums_kernel, types,
-                                  dict(HAS_GAMMA=True, HAS_BETA=True, BLOCK_E=16, BLOCK_K=128),
-                                  divisible=divisible_args(E=512, K=K, stride_w=K)))
+                                  dict(HAS_GAMMA=True, HAS_BETA=True, SPLIT_OPERAND=raw_dot, BLOCK_E=8, BLOCK_K=128),
+                                  divisible=divisible_args(E=8, K=K, stride_w=K)))
     return builds
 
 
-@torch.library.custom_op("fused_ops::fused_router", mutates_args=())
-def _fused_router_op(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+def _fused_router(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
                      gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor], k: int, temperature: float,
                      alpha: float, eps: float, renormalize: bool, gating: str) -> tuple[torch.Tensor, torch.Tensor]:
     # float64 (oracle precision) keeps the reference: the kernels compute in fp32
@@ -290,6 +484,9 @@ def _fused_router_op(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias
     weights, indices = reference._fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature,
                                                alpha, eps, renormalize, gating)
     return weights.to(torch.float32), indices
+
+
+_fused_router_op = torch.library.custom_op("fused_ops::fused_router", mutates_args=())(_fused_router)
 
 
 @_fused_router_op.register_fake
@@ -306,5 +503,6 @@ def fused_router(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Op
     (weights float32 [..., k], indices int32 [..., k]). gating "softmax" uses LN(x) . w_e as the
     logit, "laplace" -||LN(x) - w_e|| (FuseMoE's distance gate); gate_bias is added to either."""
     reference.check_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps, gating)
-    return _fused_router_op(x, ln_weight, ln_bias, gate_weight, gate_bias, k, float(temperature), float(alpha),
-                            float(eps), bool(renormalize), gating)
+    op = _fused_router if skips_dispatcher(x) else _fused_router_op
+    return op(x, ln_weight, ln_bias, gate_weight, gate_bias, k, float(temperature), float(alpha),
+              float(eps), bool(renormalize), gating)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import pow2, row_tiles, rows, use_triton
+from ._runtime import pow2, row_tiles, rows, skips_dispatcher, use_triton
 
 LOG2E = 1.4426950408889634
 SINGLE_PASS_MAX = 32768     # widest row kept whole in registers (32 warps x 32 lanes x 32 values)
@@ -111,11 +111,13 @@ def offline_builds():
     return builds
 
 
-@torch.library.custom_op("fused_ops::softmax_laplace", mutates_args=())
-def _softmax_laplace_op(logits: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+def _softmax_laplace(logits: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
     if use_triton(logits):
         return launch_softmax_laplace(logits, temperature, alpha)
     return reference._softmax_laplace(logits, temperature, alpha).to(torch.float32)
+
+
+_softmax_laplace_op = torch.library.custom_op("fused_ops::softmax_laplace", mutates_args=())(_softmax_laplace)
 
 
 @_softmax_laplace_op.register_fake
@@ -126,4 +128,5 @@ def _(logits, temperature, alpha):
 def softmax_laplace(logits: torch.Tensor, *, temperature: float = 1.0, alpha: float = 0.0) -> torch.Tensor:
     """Temperature softmax over the last dim, then Laplace smoothing; float32 probabilities."""
     reference.check_softmax_laplace(logits, temperature, alpha)
-    return _softmax_laplace_op(logits, float(temperature), float(alpha))
+    op = _softmax_laplace if skips_dispatcher(logits) else _softmax_laplace_op
+    return op(logits, float(temperature), float(alpha))

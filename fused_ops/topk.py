@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._runtime import pow2, row_tiles, rows, use_triton
+from ._runtime import pow2, row_tiles, rows, skips_dispatcher, use_triton
 
 TAKEN = tl.constexpr(-2147483648)     # int32 min: a column already picked, or padding
 NAN_KEY = tl.constexpr(-2147483647)   # just above TAKEN: NaN ranks below every number, -inf included
@@ -104,12 +104,14 @@ def offline_builds():
     return builds
 
 
-@torch.library.custom_op("fused_ops::topk_gating", mutates_args=())
-def _topk_gating_op(probs: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_gating(probs: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(probs) and probs.shape[-1] <= MAX_SINGLE_BLOCK:
         return launch_topk_gating(probs, k, renormalize)
     w, i = reference._topk_gating(probs, k, renormalize)
     return w.to(torch.float32), i
+
+
+_topk_gating_op = torch.library.custom_op("fused_ops::topk_gating", mutates_args=())(_topk_gating)
 
 
 @_topk_gating_op.register_fake
@@ -121,4 +123,5 @@ def _(probs, k, renormalize):
 def topk_gating(probs: torch.Tensor, k: int, *, renormalize: bool = False):
     """(weights float32 [..., k], indices int32 [..., k]) of the k largest entries per row."""
     reference.check_topk_gating(probs, k)
-    return _topk_gating_op(probs, k, bool(renormalize))
+    op = _topk_gating if skips_dispatcher(probs) else _topk_gating_op
+    return op(probs, k, bool(renormalize))

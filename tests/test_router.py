@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+import triton
 
 import fused_ops
 from fused_ops import reference
@@ -153,6 +154,23 @@ def test_dot_tiles_feed_the_normalised_row_at_fp32_accuracy(dtype):
     logits = importlib.import_module("fused_ops.router").launch_router_logits(x, g, b, w, wb, 1e-5, "softmax")
     ref = reference.router_logits(x.double(), g.double(), b.double(), w.double(), wb.double(), 1e-5, "softmax")
     assert rel_err(logits, ref) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gating", GATINGS)
+@pytest.mark.parametrize("M, K", [(1, 2000), (2, 1500)] + pick([], [(32, 8320), (16, 4097), (2048, 8320)]))
+def test_few_rows_split_k_and_the_last_slice_finishes(dtype, gating, M, K):
+    """Few rows split K over programs; the last slice of each row block to arrive adds the parts up.
+    The counters it uses must be back at zero afterwards, and a repeat gives the same bits."""
+    router = importlib.import_module("fused_ops.router")
+    x, g, b, w, wb = _inputs((M, K), 8, dtype)
+    cfg = router._kernel_config(M, 8, K, fused_ops._runtime.sm_count(x.device), x.element_size(),
+                                router.raw_dot_ok(x, w))
+    assert cfg["SPLITS"] > 1                        # the shape reaches the split path
+    first = _check(x, g, b, w, wb, dtype, k=3, renormalize=True, gating=gating)
+    again = fused_ops.fused_router(x, g, b, w, wb, k=3, renormalize=True, gating=gating)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not router.split_counters(x.device, triton.cdiv(M, cfg["BLOCK_M"])).any()
 
 
 def test_cached_gate_sums_follow_in_place_updates():
