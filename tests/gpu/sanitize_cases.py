@@ -33,6 +33,12 @@ def main():
                     fused_ops.fused_router(x, lw, lb, w, b, k=min(4, n), gating=gating, alpha=0.01)
                     count += 1
             count += 1
+        # narrow gates: the broadcast tiles with K slices (5 rows), the raw dot with K slices (200 rows)
+        for m, k in ((5, 4097), (200, 1500)):
+            x, w, lw, lb, b = r(m, k, dtype=dtype), r(8, k, dtype=dtype), r(k, dtype=dtype), r(k, dtype=dtype), r(8, dtype=dtype)
+            for gating in ("softmax", "laplace"):
+                fused_ops.fused_router(x, lw, lb, w, b, k=4, gating=gating, alpha=0.01)
+                count += 1
         for m, e, k, (K, H, N) in ((0, 4, 2, (7, 5, 3)), (1, 8, 4, (8320, 40, 17)), (3, 1, 1, (7, 9, 5)),
                                    (33, 8, 8, (100, 70, 30)), (300, 16, 2, (130, 257, 70))):
             x = r(m, K, dtype=dtype)
