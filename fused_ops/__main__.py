@@ -135,9 +135,12 @@ def cmd_configs(args) -> None:
         for shape in tunable.shapes:
             bucket = tunable.bucket(shape)
             entry, source = tuning.lookup(kname, bucket, name, family)
-            config = tunable.parse(entry) if entry is not None else tunable.fallback(bucket, family)
+            fallback = tunable.fallback(shape, family)
+            config = fallback if entry is None else tunable.parse(entry)
             shape_txt = ",".join(f"{k}={v}" for k, v in shape.items())
-            print(f"{kname:<18} {bucket:<14} {shape_txt:<40} <- {source}\n{'':<20}{tunable.to_json(config)}")
+            print(f"{kname:<18} {bucket:<14} {shape_txt:<50} <- {source}\n{'':<20}{tunable.to_json(config)}")
+            if config != fallback:
+                print(f"{'':<20}(fallback: {tunable.to_json(fallback)})")
 
 
 def main(argv=None) -> None:

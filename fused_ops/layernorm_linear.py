@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -45,7 +46,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import reference
+from . import reference, tuning
 from ._runtime import dot_precision, dot_upcast, max_shared_memory, pow2, rows, sm_count, use_triton
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
@@ -99,15 +100,6 @@ def load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.co
 
 
 @triton.jit
-def lane_sums(t):
-    """[R, C] -> [R, C // 8]: sums of runs of 8 neighbouring values, which a 16-bit load gives each
-    thread in its own registers (one 16-byte vector; fp32 takes one shuffle), so the adds stay
-    (nearly) inside threads. A streaming loop accumulates these and reduces across threads once,
-    after the loop: no cross-thread reduction per K step."""
-    return tl.sum(tl.reshape(t, [t.shape[0], t.shape[1] // 8, 8]), axis=2)
-
-
-@triton.jit
 def dot_nt(a, b, acc, DOT_UPCAST: tl.constexpr):
     """acc + a @ b^T for 16-bit a and b (exact products, fp32 accumulation)."""
     if DOT_UPCAST:                                 # the interpreter's bf16 dot is wrong: fp32 there
@@ -123,10 +115,11 @@ def ln_dot_sums(x_rows, pivot, w_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAM
                 USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                 STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
     """One pass over columns k_start:k_stop of the x rows at `x_rows` and the W rows at `w_rows`
-    (pointer vectors from row_starts), all sums in fp32. k_stop - k_start is whole BLOCK_K steps
-    except at K, so only K masks (EVEN_K: K is whole steps too, no masks). STAGES steps of loads
-    are in flight at once (software pipelining through shared memory). Every sum but the dot is
-    kept per lane (lane_sums) inside the loop and reduced across threads once, at the end.
+    (pointer vectors from row_starts), all sums in fp32. Masks stop at K (a caller that slices K
+    passes its slice's end; EVEN_K: everything is whole BLOCK_K steps, no masks). STAGES steps of
+    loads are in flight at once (software pipelining through shared memory). The row and column
+    sums are reduced each step (per-thread runs of 8 kept until the end needed a layout change
+    that stored replicated values twice, which racecheck reports).
 
     Returns (acc, s1, s2, c1, c2, aa, ag):
       acc [BM, BN] = a @ W^T, or a @ (W - beta)^T for DISTANCE (tl.dot, or a broadcast product for
@@ -142,13 +135,13 @@ def ln_dot_sums(x_rows, pivot, w_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAM
     BM: tl.constexpr = x_rows.shape[0]
     BN: tl.constexpr = w_rows.shape[0]
     acc = tl.zeros([BM, BN], tl.float32)
-    s1 = tl.zeros([BM, BLOCK_K // 8], tl.float32)
-    s2 = tl.zeros([BM, BLOCK_K // 8], tl.float32)
-    aa = tl.zeros([BM, BLOCK_K // 8], tl.float32)
-    ag = tl.zeros([BM, BLOCK_K // 8], tl.float32)
-    ab = tl.zeros([BM, BLOCK_K // 8], tl.float32)
-    c1 = tl.zeros([BN, BLOCK_K // 8], tl.float32)
-    c2 = tl.zeros([BN, BLOCK_K // 8], tl.float32)
+    s1 = tl.zeros([BM], tl.float32)
+    s2 = tl.zeros([BM], tl.float32)
+    aa = tl.zeros([BM], tl.float32)
+    ag = tl.zeros([BM], tl.float32)
+    ab = tl.zeros([BM], tl.float32)
+    c1 = tl.zeros([BN], tl.float32)
+    c2 = tl.zeros([BN], tl.float32)
     lane = tl.arange(0, BLOCK_K)
     for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
         kk = k0 + lane
@@ -160,15 +153,15 @@ def ln_dot_sums(x_rows, pivot, w_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAM
         if not EVEN_K:
             xs = tl.where(k_ok[None, :], xs, 0.0)
         a = xs * g[None, :]
-        s1 += lane_sums(xs)
-        s2 += lane_sums(xs * xs)
+        s1 += tl.sum(xs, axis=1)
+        s2 += tl.sum(xs * xs, axis=1)
         if DISTANCE:
-            aa += lane_sums(a * a)
-            ag += lane_sums(a * g[None, :])
-            ab += lane_sums(a * b[None, :])
+            aa += tl.sum(a * a, axis=1)
+            ag += tl.sum(a * g[None, :], axis=1)
+            ab += tl.sum(a * b[None, :], axis=1)
         if COL_SUMS:
-            c1 += lane_sums(w.to(tl.float32) * g[None, :])
-            c2 += lane_sums(w.to(tl.float32) * b[None, :])
+            c1 += tl.sum(w.to(tl.float32) * g[None, :], axis=1)
+            c2 += tl.sum(w.to(tl.float32) * b[None, :], axis=1)
         if not USE_DOT:
             acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         elif w.dtype == tl.float32:
@@ -178,9 +171,8 @@ def ln_dot_sums(x_rows, pivot, w_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAM
             acc = dot_nt(a_hi, w, acc, DOT_UPCAST)
             acc = dot_nt((a - a_hi.to(tl.float32)).to(w.dtype), w, acc, DOT_UPCAST)
     if DISTANCE:
-        acc -= tl.sum(ab, axis=1)[:, None]
-    return (acc, tl.sum(s1, axis=1), tl.sum(s2, axis=1), tl.sum(c1, axis=1), tl.sum(c2, axis=1),
-            tl.sum(aa, axis=1), tl.sum(ag, axis=1))
+        acc -= ab[:, None]
+    return acc, s1, s2, c1, c2, aa, ag
 
 
 @triton.jit
@@ -444,30 +436,83 @@ def rows_config(M: int, N: int, K: int, n_sm: int, itemsize: int) -> dict:
                 STAGES=stages, num_warps=max(4, min(8, widest // 1024)))
 
 
-@functools.lru_cache(maxsize=1024)
-def gemm_config(M: int, dtype: torch.dtype, cc_major: int, shared_limit: int) -> dict:
-    """Tiles by M bucket and GPU family (a heuristic table; no timing at first call), then stages
-    (and BLOCK_N) cut until the tiles fit the device's shared memory. Every config compiles without
-    spills for sm_90, sm_100 and sm_120 (offline_builds). Cached: callers must not modify the dict."""
-    if dtype == torch.float32:
-        block_m, block_n, block_k, warps, stages = 64, 64, 32, 4, 3
-    elif M <= 64:
-        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 4
-    elif M <= 512 or cc_major != 9:
-        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 4
+# ---------------------------------------------------------------------------------------------
+# gemm configs: the shipped JSON for this device (tuning.py), else a table by M bucket and family
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmConfig:
+    """The gemm kernels' tiling (the tunable part of the large-N path)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int          # row blocks that sweep the column blocks together (W tiles stay in L2)
+    num_warps: int
+    num_stages: int
+
+
+# float32 (the pivot path, FMA units unless tf32 is allowed) holds both operand tiles in
+# registers: one small tile for every M and device, not tuned
+GEMM_FP32 = GemmConfig(64, 64, 32, 8, 4, 3)
+
+
+def gemm_bucket(M: int) -> str:
+    """Rows rounded up to a power of two: the key the gemm's configs are stored under."""
+    return f"M{pow2(M)}"
+
+
+def gemm_shared(config: GemmConfig, itemsize: int = 2) -> int:
+    """Shared memory a config asks for: its pipeline's tiles plus headroom for the epilogue's
+    layout conversion (an upper estimate; offline_builds reads the real figure)."""
+    return tuning.smem_gemm(config.block_m, config.block_n, config.block_k, config.num_stages,
+                            itemsize) + EPILOGUE_SHARED
+
+
+def fit_shared(config: GemmConfig, limit: int, itemsize: int = 2) -> GemmConfig:
+    """Stages, then BLOCK_N, cut until the config fits `limit` bytes of shared memory."""
+    while gemm_shared(config, itemsize) > limit and config.block_n > 16:
+        if config.num_stages > 2:
+            config = replace(config, num_stages=config.num_stages - 1)
+        else:
+            config = replace(config, block_n=config.block_n // 2)
+    return config
+
+
+def gemm_fallback(bucket: str, family: str) -> GemmConfig:
+    """The 16-bit gemm's built-in config: tiles by M bucket and GPU family (a heuristic table, no
+    timing), cut to fit the family's shared memory. Every one compiles without spills for sm_90,
+    sm_100 and sm_120 (offline_builds)."""
+    M = int(bucket.removeprefix("M"))
+    if M <= 64:
+        config = GemmConfig(64, 128, 64, 8, 4, 4)
+    elif M <= 512 or family != "sm_90":
+        config = GemmConfig(128, 128, 64, 8, 8, 4)
     else:                              # Hopper wgmma: the widest tile whose accumulator fits 8 warps;
         # H200, 8192 x 8320 x 4096 through TMA: 0.761 ms against 0.784 for 128 x 256 (cuBLAS 0.79)
-        block_m, block_n, block_k, warps, stages = 256, 128, 64, 8, 4
-    group_m = 8
-    size = dtype.itemsize
-    # the pipeline's tiles plus headroom for the epilogue's layout conversion
-    while stages * (block_m + block_n) * block_k * size + EPILOGUE_SHARED > shared_limit and block_n > 16:
-        if stages > 2:
-            stages -= 1
-        else:
-            block_n //= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, STAGES=stages,
-                num_warps=warps)
+        config = GemmConfig(256, 128, 64, 8, 8, 4)
+    return fit_shared(config, tuning.SHARED_LIMIT[family])
+
+
+def gemm_to_json(config: GemmConfig) -> dict:
+    return asdict(config)
+
+
+def gemm_from_json(entry: dict) -> GemmConfig:
+    return GemmConfig(**entry)
+
+
+def pick_gemm_config(M: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """The tuned entry of M's bucket for this device, else the fallback; both cut to the device's
+    own shared memory where it has less than its family (a no-op on sm_90, sm_100 and sm_120)."""
+    if dtype == torch.float32:
+        config = GEMM_FP32
+    else:
+        config = tuning.config_for("layernorm_linear", gemm_bucket(M), gemm_fallback, gemm_from_json)
+    return fit_shared(config, max_shared_memory(device), dtype.itemsize)
+
+
+def gemm_constexprs(config: GemmConfig) -> dict:
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                STAGES=config.num_stages)
 
 
 def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[int, int]:
@@ -559,15 +604,16 @@ def _tma_ok(*tensors) -> bool:
                and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
-def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps):
+def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
+    """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config."""
     M, K = x.shape
     N = weight.shape[0]
     sums, folded = weight_sums(weight, ln_weight, ln_bias, bias)
     w = folded if folded is not None else rows(weight)
-    cc_major = torch.cuda.get_device_capability(x.device)[0] if x.is_cuda else 9
-    cfg = gemm_config(M, x.dtype, cc_major, max_shared_memory(x.device))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    even_k = K % cfg["BLOCK_K"] == 0
+    cfg = config or pick_gemm_config(M, x.dtype, x.device)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    even_k = K % cfg.block_k == 0
+    tiles = dict(**gemm_constexprs(cfg), num_warps=cfg.num_warps)
     if folds_weight(w):
         stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
         row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
@@ -576,16 +622,17 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps):
         tma = _tma_ok(x, w)
         x_desc, w_desc = x, w
         if tma:
-            x_desc = TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-            w_desc = TensorDescriptor.from_tensor(w, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
+            x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
+            w_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k])
         layernorm_linear_folded_gemm_kernel[grid](
             x, w, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), TMA=tma,
-            EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), **cfg)
+            EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), **tiles)
     else:
         g = contiguous_vector(ln_weight)
         layernorm_linear_gemm_kernel[grid](
             x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
-            HAS_GAMMA=g is not None, EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype), **cfg)
+            HAS_GAMMA=g is not None, EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype),
+            **tiles)
 
 
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
@@ -607,8 +654,46 @@ def divisible_args(**values) -> tuple:
     return tuple(name for name, value in values.items() if value % 16 == 0)
 
 
+def gemm_shipped_configs() -> list:
+    """(label, config, compile targets) of every 16-bit gemm config a launcher can choose: each
+    family's fallback (one M bucket per row of its table) and every entry of the shipped JSON."""
+    configs = [(f"M{M}_sm{cc}", gemm_fallback(gemm_bucket(M), family), (cc,))
+               for family, cc in tuning.FAMILY_CC.items() for M in (64, 512, 8192)]
+    configs += [(label, gemm_from_json(entry), targets)
+                for targets, label, entry in tuning.shipped_entries("layernorm_linear")]
+    return configs
+
+
+def _gemm_builds(dt: str, types: dict, K: int) -> list:
+    """The gemm at every config it ships with, N = 4096: float32's one tile; each 16-bit config
+    through pointers and, on the TMA families, through descriptors."""
+    from .offline import TARGETS, KernelBuild
+    divisible = divisible_args(M=8192, N=4096, K=K, stride_x=K, stride_w=K, stride_y=4096)
+    if dt == "fp32":
+        cfg = GEMM_FP32
+        return [KernelBuild("ln_linear_gemm_fp32", layernorm_linear_gemm_kernel, types,
+                            dict(HAS_GAMMA=True, PRECISION="ieee", EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False,
+                                 **gemm_constexprs(cfg)), num_warps=cfg.num_warps, targets=TARGETS,
+                            divisible=divisible)]
+    builds = []
+    for label, cfg, targets in gemm_shipped_configs():
+        common = dict(EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, **gemm_constexprs(cfg))
+        pointers = {**types, "x_desc": f"*{dt}", "w_desc": f"*{dt}"}
+        builds.append(KernelBuild(f"ln_linear_gemm_{dt}_{label}", layernorm_linear_folded_gemm_kernel, pointers,
+                                  dict(TMA=False, **common), num_warps=cfg.num_warps, uses_dot=True, targets=targets,
+                                  divisible=divisible))
+        tma_targets = tuple(cc for cc in targets if cc // 10 in TMA_FAMILIES)
+        if tma_targets:
+            descs = {"x_desc": f"tensordesc<{dt}[{cfg.block_m}, {cfg.block_k}]>",
+                     "w_desc": f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_k}]>"}
+            builds.append(KernelBuild(f"ln_linear_gemm_{dt}_{label}_tma", layernorm_linear_folded_gemm_kernel,
+                                      {**types, **descs}, dict(TMA=True, **common), num_warps=cfg.num_warps,
+                                      uses_dot=True, targets=tma_targets, divisible=divisible))
+    return builds
+
+
 def offline_builds():
-    from .offline import SHARED_LIMIT, KernelBuild
+    from .offline import KernelBuild
     K = 8320
     builds = []
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -635,26 +720,7 @@ def offline_builds():
         builds.append(KernelBuild(f"ln_linear_row_stats_{dt}", row_stats_kernel, types,
                                   dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=STATS_BLOCK_K),
                                   divisible=divisible_args(M=8192, K=K, stride_x=K)))
-        for cc, limit in SHARED_LIMIT.items():
-            for M in (64, 512, 8192):
-                cfg = dict(gemm_config(M, dtype, cc // 10, limit))
-                warps = cfg.pop("num_warps")
-                divisible = divisible_args(M=M, N=4096, K=K, stride_x=K, stride_w=K, stride_y=4096)
-                if dt == "fp32":
-                    variants = [("", layernorm_linear_gemm_kernel, types, dict(HAS_GAMMA=True, PRECISION="ieee"))]
-                else:                              # the pointer path, and the descriptors where TMA is used
-                    variants = [("", layernorm_linear_folded_gemm_kernel,
-                                 {**types, "x_desc": f"*{dt}", "w_desc": f"*{dt}"}, dict(TMA=False))]
-                    if cc // 10 in TMA_FAMILIES:
-                        descs = {"x_desc": f"tensordesc<{dt}[{cfg['BLOCK_M']}, {cfg['BLOCK_K']}]>",
-                                 "w_desc": f"tensordesc<{dt}[{cfg['BLOCK_N']}, {cfg['BLOCK_K']}]>"}
-                        variants.append(("_tma", layernorm_linear_folded_gemm_kernel, {**types, **descs},
-                                         dict(TMA=True)))
-                for suffix, kernel, kernel_types, flags in variants:
-                    builds.append(KernelBuild(f"ln_linear_gemm_{dt}_M{M}_sm{cc}{suffix}", kernel, kernel_types,
-                                              dict(EVEN_K=K % cfg["BLOCK_K"] == 0, DOT_UPCAST=False, **flags,
-                                                   **cfg), num_warps=warps, uses_dot=dt == "bf16", targets=(cc,),
-                                              divisible=divisible))
+        builds += _gemm_builds(dt, types, K)
     return builds
 
 

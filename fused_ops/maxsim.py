@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, tuning
 from ._runtime import TL_DTYPE, dot_precision, dot_upcast, pow2, use_triton
 from .topk import topk_tile
 
@@ -190,6 +190,20 @@ class Tile:
 
 
 @dataclass(frozen=True)
+class Tiling:
+    """The tunable part of a config, what a shipped JSON entry holds: the tile and its load
+    stages (the documents per program follow the shape and the device)."""
+    block_q: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def tile(self) -> Tile:
+        return Tile(self.block_q, self.block_d, self.num_warps)
+
+
+@dataclass(frozen=True)
 class MaxSimConfig:
     block_q: int        # as in Tile
     block_d: int
@@ -241,10 +255,15 @@ def _family(dtype: torch.dtype, dim: int) -> tuple[int, list[Tile]]:
     return 256, [Tile(32, 32, 2), Tile(64, 32, 4), Tile(128, 32, 8)]
 
 
+def tile_shared(tile: Tile, stages: int, max_dim: int, dtype: torch.dtype) -> int:
+    """Shared memory of a tile at a stage count (an upper estimate: the query tile, a chunk buffer
+    per stage, the slack; the offline compile reads the real figure)."""
+    return dtype.itemsize * pow2(max_dim, 16) * (tile.block_q + stages * tile.block_d) + SMEM_SLACK
+
+
 def _stages(tile: Tile, max_dim: int, dtype: torch.dtype, smem_limit: int) -> int:
     """A third load stage where the query tile and three chunk buffers fit in shared memory."""
-    tiles = dtype.itemsize * pow2(max_dim, 16) * (tile.block_q + 3 * tile.block_d)
-    return 3 if tiles <= smem_limit - SMEM_SLACK else 2
+    return 3 if tile_shared(tile, 3, max_dim, dtype) <= smem_limit else 2
 
 
 def topk_group_bound(tile: Tile, qpb_pad: int) -> int:
@@ -268,23 +287,49 @@ def _pick_tile(n_queries: int, q_tokens: int, tiles: list[Tile]) -> Tile:
     return min(tiles, key=cost)
 
 
-def choose_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
-                  sms: int, smem_limit: int, k: Optional[int] = None) -> MaxSimConfig:
-    """Block sizes from the shape and the device; `k` asks for the top-k path's large groups."""
+def heuristic_tiling(n_queries: int, q_tokens: int, dim: int, dtype: torch.dtype, smem_limit: int) -> Tiling:
+    """The built-in tiling (no timing): the family's tile with the fewest padded rows, and the
+    stages that fit `smem_limit`."""
     max_dim, tiles = _family(dtype, dim)
     tile = _pick_tile(n_queries, q_tokens, tiles)
+    return Tiling(tile.block_q, tile.block_d, tile.num_warps, _stages(tile, max_dim, dtype, smem_limit))
+
+
+def choose_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
+                  sms: int, smem_limit: int, k: Optional[int] = None, tiling: Optional[Tiling] = None) -> MaxSimConfig:
+    """Block sizes from the shape and the device: `tiling` (a tuned entry), else the heuristic's,
+    and the documents per program; `k` asks for the top-k path's large groups."""
+    tiling = tiling or heuristic_tiling(n_queries, q_tokens, dim, dtype, smem_limit)
+    tile = tiling.tile
     rows = _Rows.of(tile.block_q, n_queries, q_tokens)
     work = n_docs * rows.n_blocks                  # (document, row block) pairs
     if k is None:           # ~8 programs per SM
         group = max(1, min(SCORE_GROUP, work // (8 * sms)))
     else:                   # ~2 programs per SM, as many documents as the score tile holds
         group = max(16, min(topk_group_bound(tile, rows.qpb_pad), work // (2 * sms)))
-    return MaxSimConfig(tile.block_q, tile.block_d, group, tile.num_warps, _stages(tile, max_dim, dtype, smem_limit))
+    return MaxSimConfig(tile.block_q, tile.block_d, group, tile.num_warps, tiling.num_stages)
+
+
+def tuning_bucket(n_queries: int, q_tokens: int, dim: int, dtype: torch.dtype) -> str:
+    """The key tuned tilings are stored under: the tile family (16-bit by its largest d, or
+    float32) and the call's query rows rounded up to a power of two."""
+    kind = "fp32" if dtype == torch.float32 else f"d{_family(dtype, dim)[0]}"
+    return f"{kind}_rows{pow2(n_queries * q_tokens)}"
+
+
+def tiling_to_json(tiling: Tiling) -> dict:
+    return asdict(tiling)
+
+
+def tiling_from_json(entry: dict) -> Tiling:
+    return Tiling(**entry)
 
 
 def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
                 device: torch.device, k: Optional[int] = None) -> MaxSimConfig:
-    return choose_config(n_queries, q_tokens, n_docs, dim, dtype, *_device_limits(device), k)
+    """The shipped tiling of the shape's bucket for this device, else the heuristic's."""
+    tiling = tuning.tuned_config("maxsim", tuning_bucket(n_queries, q_tokens, dim, dtype), tiling_from_json)
+    return choose_config(n_queries, q_tokens, n_docs, dim, dtype, *_device_limits(device), k, tiling)
 
 
 def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -369,38 +414,55 @@ def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum",
 FAMILY_DIMS = ((torch.bfloat16, 128), (torch.bfloat16, 256), (torch.bfloat16, 255), (torch.float32, 256))
 
 
+def bucket_family(bucket: str) -> tuple[torch.dtype, int]:
+    """(dtype, largest d) of a tuning bucket's tile family (bf16 stands for both 16-bit types)."""
+    kind = bucket.split("_")[0]
+    return (torch.float32, 256) if kind == "fp32" else (torch.bfloat16, int(kind[1:]))
+
+
+def shipped_tilings() -> dict:
+    """{(dtype, largest d, tiling): compile targets} of every tiling a launcher can choose: each
+    family's tiles at the stages each target's shared memory gives, and every shipped JSON entry
+    for the targets of its file's family."""
+    from .offline import SHARED_LIMIT
+    found = {}
+    picks = [((dtype, dim, Tiling(t.block_q, t.block_d, t.num_warps, _stages(t, dim, dtype, smem))), (cc,))
+             for dtype, dim in FAMILY_DIMS for t in _family(dtype, dim)[1] for cc, smem in SHARED_LIMIT.items()]
+    picks += [((*bucket_family(bucket), tiling_from_json(entry)), targets)
+              for targets, _, bucket, entry in tuning.shipped_buckets("maxsim")]
+    for key, targets in picks:
+        found[key] = tuple(sorted(set(found.get(key, ())) | set(targets)))
+    return found
+
+
 def offline_builds():
-    """Every tile the launcher can choose, on both paths (scores, top-k), with one query per block
-    (Lq > BLOCK_Q / 2, or a split query) and with MAX_QPB, at each GPU family's stage count. d is
-    the largest the tile serves, and the top-k path has its largest group and k; float32 runs with
-    and without tf32. bf16 stands for both 16-bit types."""
-    from .offline import SHARED_LIMIT, KernelBuild, dtype_name
+    """Every tiling the launcher can choose (shipped_tilings), on both paths (scores, top-k), with
+    one query per block (Lq > BLOCK_Q / 2, or a split query) and with MAX_QPB. d is the largest the
+    tile serves, and the top-k path has its largest group and k; float32 runs with and without
+    tf32. bf16 stands for both 16-bit types."""
+    from .offline import KernelBuild, dtype_name
     builds = []
-    for dtype, dim in FAMILY_DIMS:
+    for (dtype, dim, tiling), targets in shipped_tilings().items():
         dt = dtype_name(dtype)
         types = {"q_ptr": f"*{dt}", "d_ptr": f"*{dt}", "span_ptr": "*i64", "q_len_ptr": "*i32", "out_ptr": "*fp32"}
         types.update({a: "i32" for a in ("n_queries", "n_docs", "q_tokens", "n_tokens", "lq_tile", "qpb", "n_splits",
                                           "group", "k", "q_rows", "d_rows", "stride_os", "stride_on")})
-        for tile in _family(dtype, dim)[1]:
-            by_stages = {}              # stage count -> the targets whose shared memory gives it
-            for cc, smem in SHARED_LIMIT.items():
-                by_stages.setdefault(_stages(tile, dim, dtype, smem), []).append(cc)
-            for qpb_pad, topk, precision in itertools.product(
-                    sorted({1, pow2(min(MAX_QPB, tile.block_q))}), (False, True),
-                    ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
-                group = topk_group_bound(tile, qpb_pad) if topk else SCORE_GROUP
-                constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
-                                  BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
-                                  GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision)
-                for stages, targets in by_stages.items():
-                    # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
-                    # use mma.sync or FMA, which the offline check does not ask of a dot
-                    builds.append(KernelBuild(
-                        f"maxsim_{dt}_d{dim}_{'topk' if topk else 'scores'}_q{qpb_pad}_BQ{tile.block_q}"
-                        f"_BD{tile.block_d}_w{tile.num_warps}_s{stages}{'_tf32' if precision == 'tf32' else ''}",
-                        maxsim_kernel, {**types, "idx_ptr": "*i64" if topk else "*fp32"}, constexprs,
-                        num_warps=tile.num_warps, num_stages=stages, targets=tuple(targets),
-                        uses_dot=tile.block_q >= 64 and dtype != torch.float32))
+        tile = tiling.tile
+        for qpb_pad, topk, precision in itertools.product(
+                sorted({1, pow2(min(MAX_QPB, tile.block_q))}), (False, True),
+                ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
+            group = topk_group_bound(tile, qpb_pad) if topk else SCORE_GROUP
+            constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
+                              BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
+                              GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision)
+            # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
+            # use mma.sync or FMA, which the offline check does not ask of a dot
+            builds.append(KernelBuild(
+                f"maxsim_{dt}_d{dim}_{'topk' if topk else 'scores'}_q{qpb_pad}_BQ{tile.block_q}"
+                f"_BD{tile.block_d}_w{tile.num_warps}_s{tiling.num_stages}{'_tf32' if precision == 'tf32' else ''}",
+                maxsim_kernel, {**types, "idx_ptr": "*i64" if topk else "*fp32"}, constexprs,
+                num_warps=tile.num_warps, num_stages=tiling.num_stages, targets=targets,
+                uses_dot=tile.block_q >= 64 and dtype != torch.float32))
     return builds
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -48,8 +49,8 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import reference
-from ._runtime import dot_precision, dot_upcast, pow2, rows, sm_count, skips_dispatcher, use_triton
+from . import reference, tuning
+from ._runtime import dot_precision, dot_upcast, pow2, rows, skips_dispatcher, sm_count, use_triton
 from .layernorm_linear import (TILE_BUDGET, contiguous_vector, divisible_args, dot_nt, ln_dot_sums, ln_project,
                                ln_stats, load_affine, load_k, prev_pow2, row_pivot, row_starts, rows_config,
                                same_stamp, store_tile, version_stamp)
@@ -338,23 +339,59 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-def make_config(E: int, K: int, *, block_m: int, block_k: int, stages: int, num_warps: int, splits: int = 1,
-                raw_dot: bool = False) -> dict:
-    """A narrow-gate (E <= NARROW_E) launch config: the raw dot, the pivot path's tl.dot tiles (16+
-    rows) or its broadcast product (fewer), with K cut into `splits` slices of whole 16-column runs."""
-    k_chunk = triton.cdiv(triton.cdiv(K, splits), 16) * 16 if splits > 1 else K
-    block_k = max(16, min(block_k, pow2(k_chunk)))
-    use_dot = raw_dot or block_m >= 16
-    block_e = raw_dot_block_e(E) if raw_dot else max(16, pow2(E)) if use_dot else pow2(E)
-    return dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k, EVEN_K=k_chunk % block_k == 0 and K % block_k == 0,
-                USE_DOT=use_dot, RAW_DOT=raw_dot, STAGES=stages, SPLITS=triton.cdiv(K, k_chunk), k_chunk=k_chunk,
-                num_warps=num_warps)
+SHARED_HEADROOM = 16384   # shared memory a raw-dot config leaves beside its pipeline (reductions, layout changes)
+
+
+@dataclass(frozen=True)
+class RouterTiling:
+    """The tunable part of a narrow-gate (E <= NARROW_E) launch: make_config's arguments."""
+    raw_dot: bool
+    block_m: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    splits: int
+
+
+def tiling_from_json(entry: dict) -> RouterTiling:
+    return RouterTiling(**entry)
+
+
+def tiling_to_json(tiling: RouterTiling) -> dict:
+    return asdict(tiling)
+
+
+def router_bucket(M: int) -> str:
+    """The JSON key of a row count (powers of two: a new batch size does not retune)."""
+    return f"M{pow2(M)}"
+
+
+def raw_dot_stage_bytes(E: int, block_m: int, block_k: int) -> int:
+    """Shared memory of one pipelined K step of the raw dot (16-bit x and split operand tiles)."""
+    return (block_m + 2 * raw_dot_block_e(E)) * block_k * 2
 
 
 @functools.lru_cache(maxsize=1024)
-def _kernel_config(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: bool) -> dict:
-    """Blocks, K slices (SPLITS of k_chunk columns) and path of the router kernels; cached, callers
-    must not modify the dict. raw_dot: 16-bit x and gate (the split operand exists).
+def make_config(E: int, K: int, tiling: RouterTiling) -> dict:
+    """A narrow-gate launch config: the raw dot, the pivot path's tl.dot tiles (16+ rows) or its
+    broadcast product (fewer), with K cut into `splits` slices of whole 16-column runs. Cached:
+    callers must not modify the dict."""
+    splits = tiling.splits
+    k_chunk = triton.cdiv(triton.cdiv(K, splits), 16) * 16 if splits > 1 else K
+    block_k = max(16, min(tiling.block_k, pow2(k_chunk)))
+    use_dot = tiling.raw_dot or tiling.block_m >= 16
+    block_e = raw_dot_block_e(E) if tiling.raw_dot else max(16, pow2(E)) if use_dot else pow2(E)
+    return dict(BLOCK_M=tiling.block_m, BLOCK_E=block_e, BLOCK_K=block_k,
+                EVEN_K=k_chunk % block_k == 0 and K % block_k == 0, USE_DOT=use_dot, RAW_DOT=tiling.raw_dot,
+                STAGES=tiling.num_stages, SPLITS=triton.cdiv(K, k_chunk), k_chunk=k_chunk,
+                num_warps=tiling.num_warps)
+
+
+@functools.lru_cache(maxsize=1024)
+def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: bool, family: str) -> RouterTiling:
+    """The built-in tiling of a narrow gate (E <= NARROW_E) when no tuned JSON entry applies.
+    raw_dot: 16-bit x and gate (the split operand exists); family: tuning's GPU family (raw-dot
+    stages are cut to fit its shared memory).
 
     Narrow gates (E <= NARROW_E, FuseMoE's E=8), measured on an H200 at K=8320 bf16 (CUDA-graph
     times, 2026-11-21): from one row per SM, the raw dot in 64-row blocks, K split until the grid
@@ -365,21 +402,47 @@ def _kernel_config(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: bo
     Fewer rows: 1-2 rows per program, a broadcast product and K split into ~2 programs per SM
     (M=32: 8 slices, 7.2 us against 9.9 unsplit; 2048-wide steps beat 512 and 1024).
     float32 keeps the pivot path's tl.dot tiles. Wider gates: rows_config's blocks."""
+    if raw_dot and M >= RAW_DOT_ROWS_PER_SM * n_sm:
+        # 64-row blocks measured best on Hopper; on sm_100 and sm_120 they spill a few bytes with K
+        # slices (offline compile), 32-row blocks do not
+        block_m, block_k = (64 if family == "sm_90" else 32), 128
+        room = tuning.SHARED_LIMIT[family] - SHARED_HEADROOM
+        stages = max(2, min(6, room // raw_dot_stage_bytes(E, block_m, block_k)))
+        splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
+        return RouterTiling(True, block_m, block_k, 8, stages, splits)
+    if not raw_dot and M >= 8 * n_sm:            # float32: the pivot path's tl.dot tiles
+        return RouterTiling(False, min(32, max(16, prev_pow2(M // n_sm))), 128 // itemsize, 4, 3, 1)
+    block_m = min(2, prev_pow2(M // n_sm))
+    splits = max(1, min(2 * n_sm // triton.cdiv(M, block_m), K // 512))
+    return RouterTiling(False, block_m, min(2048, 16384 // (block_m * pow2(E))), 4, 2, splits)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel_config(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: bool, family: str) -> dict:
+    """Launch config from the built-in table: fallback_tiling for narrow gates, rows_config's
+    blocks for wider ones. Cached, callers must not modify the dict."""
     if E > NARROW_E:
         cfg = {("BLOCK_E" if name == "BLOCK_N" else name): value
                for name, value in rows_config(M, E, K, n_sm, itemsize).items()}
         return dict(cfg, RAW_DOT=False, SPLITS=1, k_chunk=K)
-    if raw_dot and M >= RAW_DOT_ROWS_PER_SM * n_sm:
-        block_m = 64
-        splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
-        return make_config(E, K, block_m=block_m, block_k=128, stages=6, num_warps=8, splits=splits, raw_dot=True)
-    if not raw_dot and M >= 8 * n_sm:            # float32: the pivot path's tl.dot tiles
-        return make_config(E, K, block_m=min(32, max(16, prev_pow2(M // n_sm))), block_k=128 // itemsize, stages=3,
-                           num_warps=4)
-    block_m = min(2, prev_pow2(M // n_sm))
-    splits = max(1, min(2 * n_sm // triton.cdiv(M, block_m), K // 512))
-    return make_config(E, K, block_m=block_m, block_k=min(2048, 16384 // (block_m * pow2(E))), stages=2,
-                       num_warps=4, splits=splits)
+    return make_config(E, K, fallback_tiling(M, E, K, n_sm, itemsize, raw_dot, family))
+
+
+def device_family(device: torch.device) -> str:
+    """tuning's family name of a tensor's device ("generic" for the interpreter's CPU tensors)."""
+    if device.type != "cuda":
+        return "generic"
+    return tuning.family_of(*torch.cuda.get_device_capability(device))
+
+
+def pick_config(M: int, E: int, K: int, x: torch.Tensor, raw_dot: bool) -> dict:
+    """The launch config: a shipped tuned tiling for this bucket where one applies (narrow 16-bit
+    gates, the shapes it was tuned on), else the built-in table."""
+    if raw_dot:
+        tiling = tuning.tuned_config("fused_router", router_bucket(M), tiling_from_json)
+        if tiling is not None:
+            return make_config(E, K, tiling)
+    return _kernel_config(M, E, K, sm_count(x.device), x.element_size(), raw_dot, device_family(x.device))
 
 
 def raw_dot_ok(x, gate_weight) -> bool:
@@ -408,7 +471,8 @@ def launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gat
     if M > 0:
         n_sm, raw_dot = sm_count(x.device), raw_dot_ok(x2, gate_weight)
         pointers, flags, stride_w = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating, raw_dot)
-        cfg = dict(_kernel_config(max(M, 8 * n_sm), E, K, n_sm, x.element_size(), raw_dot))   # no K slices
+        cfg = dict(_kernel_config(max(M, 8 * n_sm), E, K, n_sm, x.element_size(), raw_dot,
+                                  device_family(x.device)))                                # no K slices
         cfg.pop("SPLITS"), cfg.pop("k_chunk")
         router_logits_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(E, cfg["BLOCK_E"]))](
             *pointers, logits, M, E, K, x2.stride(0), stride_w, eps, **flags, **cfg)
@@ -417,7 +481,7 @@ def launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gat
 
 def launch_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps, renormalize,
                         gating, config=None):
-    """config: blocks as _kernel_config returns them (a tuner's or a benchmark's), else that table's."""
+    """config: a launch config as make_config returns it (a tuner's or a benchmark's), else pick_config's."""
     E = gate_weight.shape[0]
     if E > MAX_FUSED_E:
         logits = launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating)
@@ -427,8 +491,7 @@ def launch_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temper
     weights = torch.empty((M, k), dtype=torch.float32, device=x.device)
     indices = torch.empty((M, k), dtype=torch.int32, device=x.device)
     if M > 0:
-        n_sm, raw_dot = sm_count(x.device), raw_dot_ok(x2, gate_weight)
-        cfg = dict(config or _kernel_config(M, E, K, n_sm, x.element_size(), raw_dot))
+        cfg = config or pick_config(M, E, K, x2, raw_dot_ok(x2, gate_weight))
         pointers, flags, stride_w = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating,
                                                 cfg["RAW_DOT"])
         blocks, splits = triton.cdiv(M, cfg["BLOCK_M"]), cfg["SPLITS"]
@@ -456,18 +519,26 @@ def offline_builds():
                  **{n: "i32" for n in ("M", "E", "K", "k", "k_chunk", "stride_x", "stride_w")},
                  **{n: "fp32" for n in ("eps", "scale", "alpha_scaled", "inv_norm")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
-        raw_dot = dt != "fp32"
-        for M, E, k in ((32, 8, 4), (2048, 8, 4), (8192, 8, 4), (32, 512, 8), (8192, 512, 8)):
-            cfg = dict(_kernel_config(M, E, K, n_sm=132, itemsize=dtype.itemsize, raw_dot=raw_dot and E <= NARROW_E))
+
+        def fused(name, cfg, E, k, targets):
+            cfg = dict(cfg)
             warps = cfg.pop("num_warps")
-            divisible = divisible_args(M=M, E=E, K=K, k=k, k_chunk=cfg.pop("k_chunk"), stride_x=K,
-                                       stride_w=K)
+            divisible = divisible_args(M=8192, E=E, K=K, k=k, k_chunk=cfg.pop("k_chunk"), stride_x=K, stride_w=K)
             for laplace in (False, True):
-                builds.append(KernelBuild(f"router_{dt}_M{M}_E{E}{'_laplace' if laplace else ''}",
-                                          fused_router_kernel, types,
+                builds.append(KernelBuild(f"{name}{'_laplace' if laplace else ''}", fused_router_kernel, types,
                                           {**flags, **cfg, "LAPLACE": laplace, "RENORMALIZE": True,
-                                           "BLOCK_TOPK": pow2(k)}, num_warps=warps, divisible=divisible))
-        cfg = dict(_kernel_config(8192, 1024, K, n_sm=132, itemsize=dtype.itemsize, raw_dot=False))
+                                           "BLOCK_TOPK": pow2(k)}, num_warps=warps, targets=targets,
+                                          divisible=divisible))
+
+        raw_dot = dt != "fp32"
+        for family, cc in tuning.FAMILY_CC.items():
+            for M, E, k in ((32, 8, 4), (2048, 8, 4), (8192, 8, 4), (32, 512, 8), (8192, 512, 8)):
+                cfg = _kernel_config(M, E, K, 132, dtype.itemsize, raw_dot and E <= NARROW_E, family)
+                fused(f"router_{dt}_M{M}_E{E}_sm{cc}", cfg, E, k, (cc,))
+        if raw_dot:                                # tuned tilings apply to 16-bit narrow gates only
+            for targets, label, entry in tuning.shipped_entries("fused_router"):
+                fused(f"router_{dt}_{label}", make_config(8, K, tiling_from_json(entry)), 8, 4, targets)
+        cfg = dict(_kernel_config(8192, 1024, K, 132, dtype.itemsize, False, "sm_90"))
         warps = cfg.pop("num_warps")
         cfg.pop("SPLITS"), cfg.pop("k_chunk")
         builds.append(KernelBuild(f"router_logits_{dt}_E1024", router_logits_kernel, types,

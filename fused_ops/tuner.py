@@ -23,12 +23,13 @@ def tune_kernel(tunable: tuning.Tunable, shapes: list, family: str, progress: bo
     from tqdm import tqdm
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("refusing to tune during CUDA-graph capture")
-    spaces = {id(shape): [c for c in tunable.space(family, shape) if tunable.fits(c, family)] for shape in shapes}
+    spaces = {id(shape): [c for c in tunable.space(family, shape) if tunable.fits(c, family, shape)]
+              for shape in shapes}
     best_by_bucket, log = {}, []
     bar = tqdm(total=sum(len(c) + 1 for c in spaces.values()), desc=f"tune {tunable.name}", disable=not progress)
     for shape in shapes:
         bucket = tunable.bucket(shape)
-        fallback = tunable.fallback(bucket, family)
+        fallback = tunable.fallback(shape, family)
         timings, baseline = [], None
         for config in [fallback] + spaces[id(shape)]:
             row = {"kernel": tunable.name, "bucket": bucket, "shape": shape, "config": tunable.to_json(config)}

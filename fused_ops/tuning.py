@@ -1,10 +1,17 @@
 """The one place that owns kernel configs.
 
-A tunable kernel registers a `Tunable`: its config space per GPU family, how a shape maps to a
-bucket (token counts are bucketed so a new batch size does not retune), its built-in fallback, and
-how to run and check one config. Launchers ask `config_for(kernel, bucket, fallback)`, which looks
-in shipped JSON (`fused_ops/configs/<device>.json`, then `<family>.json`) and returns the fallback
-when nothing matches.
+A tunable kernel registers a `Tunable` (in tunables.py): its config space per GPU family, how a
+shape maps to a bucket (token counts are bucketed so a new batch size does not retune), its
+built-in fallback, and how to run and check one config. A launcher asks for the JSON entry of its
+bucket (`fused_ops/configs/<device>.json`, then `<family>.json`, parsed) through `tuned_config`,
+or through `config_for` where the fallback depends on the bucket alone; without an entry it runs
+its built-in fallback.
+
+Adding a kernel: in the kernel's module, a frozen config dataclass, a bucket function, the
+fallback, `to_json` / `from_json`, and a launcher that takes `config=` and otherwise asks
+`config_for` (or `tuned_config`); in tunables.py, its space, `fits`, `make_run` and
+`register(Tunable(...))`; in the module's `offline_builds()`, its fallbacks and every entry of
+`shipped_entries(name)`, so the offline test compiles each shipped entry for its family.
 
 Environment:
   FUSED_OPS_FALLBACK_CONFIGS=1   ignore every JSON: built-in fallback configs only (no tuning)
@@ -43,20 +50,21 @@ def device_key(name: str) -> str:
 class Tunable:
     """A kernel (or kernel pipeline) whose launch config can be tuned.
 
-    space(family, shape)     candidate configs for that family and shape
-    fits(config, family)     static pruning by that family's shared memory and register budget
-    bucket(shape)            the JSON key a shape's config is stored under
-    fallback(bucket, family) the built-in config (used when no JSON matches; the tuner's baseline)
-    make_run(shape, config)  -> (run, check): run() launches once on CUDA; check() returns the
-                             relative error of that config's output against the reference
-    to_json / parse          config object <-> JSON entry
-    shapes                   default tuning shapes (dicts)
+    space(family, shape)         candidate configs for that family and shape
+    fits(config, family, shape)  static pruning by that family's shared memory and register budget
+    bucket(shape)                the JSON key a shape's config is stored under
+    fallback(shape, family)      the built-in config the launcher takes for that shape when no
+                                 JSON entry matches (the tuner's baseline)
+    make_run(shape, config)      -> (run, check): run() launches once on CUDA; check() returns the
+                                 relative error of that config's output against the reference
+    to_json / parse              config object <-> JSON entry
+    shapes                       default tuning shapes (dicts of ints)
     """
     name: str
     space: Callable[[str, dict], list]
-    fits: Callable[[object, str], bool]
+    fits: Callable[[object, str, dict], bool]
     bucket: Callable[[dict], str]
-    fallback: Callable[[str, str], object]
+    fallback: Callable[[dict, str], object]
     make_run: Callable
     to_json: Callable[[object], dict]
     parse: Callable[[dict], object]
@@ -126,15 +134,28 @@ def lookup(kernel: str, bucket: str, device_name: str, family: str) -> tuple[Opt
 
 
 @functools.lru_cache(maxsize=4096)
-def _resolve(kernel: str, bucket: str, device_name: str, family: str, fallback: Callable, parse: Callable):
+def _tuned(kernel: str, bucket: str, device_name: str, family: str, parse: Callable):
     entry, _ = lookup(kernel, bucket, device_name, family)
-    return fallback(bucket, family) if entry is None else parse(entry)
+    return None if entry is None else parse(entry)
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve(kernel: str, bucket: str, device_name: str, family: str, fallback: Callable, parse: Callable):
+    tuned = _tuned(kernel, bucket, device_name, family, parse)
+    return fallback(bucket, family) if tuned is None else tuned
+
+
+def tuned_config(kernel: str, bucket: str, parse: Callable[[dict], object]):
+    """The JSON entry for this device (then family) parsed by `parse`, or None: for launchers
+    whose fallback follows the exact shape. Cached per (kernel, bucket, device); thread-safe;
+    never tunes. `parse` must be a module-level function (it is part of the cache key)."""
+    name, family = current_device()
+    return _tuned(kernel, bucket, name, family, parse)
 
 
 def config_for(kernel: str, bucket: str, fallback: Callable[[str, str], object], parse: Callable[[dict], object]):
-    """The config a launcher uses now: the JSON entry for this device (then family) parsed by
-    `parse`, else `fallback(bucket, family)`. Cached per (kernel, bucket, device); thread-safe; never tunes.
-    `fallback` and `parse` must be module-level functions (they are part of the cache key)."""
+    """The config a launcher uses now: `tuned_config`, else `fallback(bucket, family)`. Cached
+    like it; `fallback` too must be a module-level function."""
     name, family = current_device()
     return _resolve(kernel, bucket, name, family, fallback, parse)
 
@@ -142,6 +163,7 @@ def config_for(kernel: str, bucket: str, fallback: Callable[[str, str], object],
 def clear_caches() -> None:
     """Forget loaded JSON and resolved configs (after writing new JSON or changing the env)."""
     _load.cache_clear()
+    _tuned.cache_clear()
     _resolve.cache_clear()
 
 
@@ -156,9 +178,9 @@ def registers_ok(num_warps: int, acc_elems: int) -> bool:
     return acc_elems / (32 * num_warps) <= 128
 
 
-def shipped_entries(kernel: str) -> list[tuple[tuple, str, dict]]:
-    """Every shipped JSON entry of a kernel: (compile targets, label, entry). The offline compile
-    test builds each one for the targets of its file's family."""
+def shipped_buckets(kernel: str) -> list[tuple[tuple, str, str, dict]]:
+    """Every shipped JSON entry of a kernel: (compile targets, file stem, bucket, entry). The
+    offline compile test builds each one for the targets of its file's family."""
     import glob
     out = []
     for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json"))):
@@ -167,5 +189,10 @@ def shipped_entries(kernel: str) -> list[tuple[tuple, str, dict]]:
         targets = (cc,) if cc else tuple(FAMILY_CC.values())
         stem = os.path.basename(path)[: -len(".json")]
         for bucket, entry in sorted(data.get("kernels", {}).get(kernel, {}).items()):
-            out.append((targets, f"{stem}_{bucket}", entry))
+            out.append((targets, stem, bucket, entry))
     return out
+
+
+def shipped_entries(kernel: str) -> list[tuple[tuple, str, dict]]:
+    """shipped_buckets as (compile targets, label '<stem>_<bucket>', entry)."""
+    return [(targets, f"{stem}_{bucket}", entry) for targets, stem, bucket, entry in shipped_buckets(kernel)]

@@ -1,4 +1,4 @@
-"""python -m perf [--families gating router moe maxsim] [--quick] [--out DIR]
+"""python -m perf [--families gating router moe maxsim tuning] [--quick] [--out DIR]
 
 Measures the ceilings, runs every benchmark family on the GPU at hand, and writes
 `<out>/results.csv` plus one PNG per plotted op (default out: perf/results/<gpu name>/).
@@ -15,7 +15,7 @@ from fused_ops.tuning import device_key
 
 from . import harness
 
-FAMILIES = ["gating", "router", "moe", "maxsim"]
+FAMILIES = ["gating", "router", "moe", "maxsim", "tuning"]
 
 
 def main(argv=None) -> None:

@@ -9,9 +9,15 @@ import os
 import subprocess
 import sys
 
+import importlib
+
 import pytest
 
-from fused_ops import offline
+from fused_ops import moe, offline, tuning
+
+LN = importlib.import_module("fused_ops.layernorm_linear")
+MS = importlib.import_module("fused_ops.maxsim")
+ROUTER = importlib.import_module("fused_ops.router")
 
 BUILDS = offline.all_builds()
 CASES = [(b, cc) for b in BUILDS for cc in b.targets]
@@ -40,3 +46,40 @@ def test_compiles_fits_and_does_not_spill(reports, build, cc):
 def test_every_op_module_lists_its_builds():
     names = {b.kernel.__name__ for b in BUILDS}
     assert {"softmax_laplace_rows_kernel", "softmax_laplace_online_kernel", "topk_gating_kernel"} <= names
+
+
+def _launches(kernel, entry, bucket) -> list:
+    """(kernel, constexprs that must match, num_warps, num_stages) of each launch an entry makes."""
+    if kernel == "moe_experts":
+        cfg = moe.config_from_json(entry)
+        return [(k, dict(BLOCK_M=cfg.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m), g.num_warps,
+                 g.num_stages) for k, g in ((moe.moe_gemm1_kernel, cfg.gemm1), (moe.moe_gemm2_kernel, cfg.gemm2))]
+    if kernel == "layernorm_linear":
+        cfg = LN.gemm_from_json(entry)
+        return [(LN.layernorm_linear_folded_gemm_kernel, LN.gemm_constexprs(cfg), cfg.num_warps, None)]
+    if kernel == "fused_router":
+        cfg = dict(ROUTER.make_config(8, 8320, ROUTER.tiling_from_json(entry)))
+        warps = cfg.pop("num_warps")
+        cfg.pop("k_chunk")
+        return [(ROUTER.fused_router_kernel, cfg, warps, None)]
+    tiling = MS.tiling_from_json(entry)
+    dtype, dim = MS.bucket_family(bucket)
+    return [(MS.maxsim_kernel, dict(DIM=dim, BLOCK_Q=tiling.block_q, BLOCK_D=tiling.block_d, TOPK=topk),
+             tiling.num_warps, tiling.num_stages) for topk in (False, True)]
+
+
+SHIPPED = [(kernel, targets, stem, bucket, entry) for kernel in ("moe_experts", "layernorm_linear", "maxsim", "fused_router")
+           for targets, stem, bucket, entry in tuning.shipped_buckets(kernel)]
+
+
+@pytest.mark.parametrize("kernel, targets, stem, bucket, entry", SHIPPED,
+                         ids=[f"{k}-{stem}-{bucket}" for k, _, stem, bucket, _ in SHIPPED])
+def test_every_shipped_json_entry_is_built_for_its_family(kernel, targets, stem, bucket, entry):
+    """Each launch a shipped entry makes is among the builds, for every target of its file's family
+    (so test_compiles_fits_and_does_not_spill proves it)."""
+    for jit, constexprs, warps, stages in _launches(kernel, entry, bucket):
+        for cc in targets:
+            assert any(b.kernel is jit and cc in b.targets and b.num_warps == warps
+                       and (stages is None or b.num_stages == stages)
+                       and all(b.constexprs.get(k) == v for k, v in constexprs.items()) for b in BUILDS), \
+                f"{stem}.json {kernel} {bucket}: no build of {jit.__name__} {constexprs} for sm_{cc}"

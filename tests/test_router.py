@@ -164,8 +164,7 @@ def test_few_rows_split_k_and_the_last_slice_finishes(dtype, gating, M, K):
     The counters it uses must be back at zero afterwards, and a repeat gives the same bits."""
     router = importlib.import_module("fused_ops.router")
     x, g, b, w, wb = _inputs((M, K), 8, dtype)
-    cfg = router._kernel_config(M, 8, K, fused_ops._runtime.sm_count(x.device), x.element_size(),
-                                router.raw_dot_ok(x, w))
+    cfg = router.pick_config(M, 8, K, x, router.raw_dot_ok(x, w))
     if cfg["SPLITS"] == 1 and dtype == torch.float32 and M >= 1024:
         pytest.skip("float32 at this many rows takes the tl.dot tiles, unsplit")
     assert cfg["SPLITS"] > 1                        # the shape reaches the split path

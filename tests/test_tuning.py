@@ -1,10 +1,20 @@
-"""Config lookup order, the environment switches, and the tuner's handling of failing candidates
-(the tuner's timing needs a GPU, so here it is replaced by a deterministic stand-in)."""
+"""Config lookup order, the environment switches, the fallbacks against the heuristics they replaced,
+the launchers honouring a JSON entry, forced configs from the tuning spaces against the reference,
+and the tuner's handling of failing candidates (the tuner's timing needs a GPU, so there it is
+replaced by a deterministic stand-in)."""
+import importlib
 import json
 
 import pytest
+import torch
 
-from fused_ops import moe, tuner, tunables, tuning  # noqa: F401  (tunables registers kernels)
+from fused_ops import moe, reference, tuner, tunables, tuning  # noqa: F401  (tunables registers kernels)
+
+from conftest import DEVICE, assert_close, rand
+
+LN = importlib.import_module("fused_ops.layernorm_linear")
+MS = importlib.import_module("fused_ops.maxsim")
+FAMILIES = ("sm_90", "sm_100", "sm_120", "generic")
 
 
 @pytest.fixture(autouse=True)
@@ -14,45 +24,252 @@ def _fresh_caches():
     tuning.clear_caches()
 
 
-def _write(folder, stem, family, entry):
-    (folder / f"{stem}.json").write_text(json.dumps(
-        {"family": family, "source": "test", "triton": "x", "kernels": {"moe_experts": {"pairs16": entry}}}))
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    """An empty user config folder searched first, and no shipped JSON."""
+    monkeypatch.setenv("FUSED_OPS_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSED_OPS_FALLBACK_CONFIGS", raising=False)
+    monkeypatch.setattr(tuning, "CONFIG_DIR", str(tmp_path / "none"))
+    return tmp_path
 
 
-def _entry(block_m):
+def _write(folder, stem, family, kernel, bucket, entry):
+    path = folder / f"{stem}.json"
+    data = json.loads(path.read_text()) if path.exists() else {"family": family, "source": "test", "triton": "x",
+                                                               "kernels": {}}
+    data["kernels"].setdefault(kernel, {})[bucket] = entry
+    path.write_text(json.dumps(data))
+    tuning.clear_caches()
+
+
+def _moe_entry(block_m):
     return moe.config_to_json(moe.MoeConfig(block_m, moe.GemmConfig(64, 64, 1, 4, 3), moe.GemmConfig(64, 64, 1, 4, 3)))
 
 
-def test_device_file_then_family_file_then_fallback(tmp_path, monkeypatch):
-    monkeypatch.setenv("FUSED_OPS_CONFIG_DIR", str(tmp_path))
-    monkeypatch.setattr(tuning, "CONFIG_DIR", str(tmp_path / "none"))
-    fallback = moe.fallback_config("pairs16", "sm_90")
-    assert tuning._resolve("moe_experts", "pairs16", "GPU X", "sm_90", moe.fallback_config,
-                           moe.config_from_json) == fallback
-    _write(tmp_path, "sm_90", "sm_90", _entry(64))
+# kernel -> (a bucket, two distinct entries for it, the bucket's fallback on sm_90, parse)
+KERNELS = {
+    "moe_experts": ("pairs16", _moe_entry(64), _moe_entry(128), moe.fallback_config("pairs16", "sm_90"),
+                    moe.config_from_json),
+    "layernorm_linear": ("M256", LN.gemm_to_json(LN.GemmConfig(64, 128, 32, 8, 4, 5)),
+                         LN.gemm_to_json(LN.GemmConfig(128, 64, 64, 4, 8, 3)), LN.gemm_fallback("M256", "sm_90"),
+                         LN.gemm_from_json),
+    "maxsim": ("d128_rows512", MS.tiling_to_json(MS.Tiling(128, 32, 8, 4)), MS.tiling_to_json(MS.Tiling(64, 128, 4, 2)),
+               MS.heuristic_tiling(16, 32, 128, torch.bfloat16, tuning.SHARED_LIMIT["sm_90"]), MS.tiling_from_json),
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_device_file_then_family_file_then_fallback(config_dir, monkeypatch, kernel):
+    bucket, family_entry, device_entry, fallback, parse = KERNELS[kernel]
+    assert tuning._tuned(kernel, bucket, "GPU X", "sm_90", parse) is None
+    _write(config_dir, "sm_90", "sm_90", kernel, bucket, family_entry)
+    assert tuning._tuned(kernel, bucket, "GPU X", "sm_90", parse) == parse(family_entry) != fallback
+    _write(config_dir, tuning.device_key("GPU X"), "sm_90", kernel, bucket, device_entry)
+    entry, source = tuning.lookup(kernel, bucket, "GPU X", "sm_90")
+    assert entry == device_entry and source.startswith("GPU_X.json")
+    assert tuning._tuned(kernel, bucket, "GPU X", "sm_120", parse) == parse(device_entry)   # by name first
+    assert tuning._tuned(kernel, "other", "GPU X", "sm_90", parse) is None                  # per bucket
+    monkeypatch.setenv("FUSED_OPS_FALLBACK_CONFIGS", "1")
+    assert tuning.lookup(kernel, bucket, "GPU X", "sm_90") == (None, "fallback (FUSED_OPS_FALLBACK_CONFIGS=1)")
     tuning.clear_caches()
+    assert tuning._tuned(kernel, bucket, "GPU X", "sm_90", parse) is None
+
+
+def test_config_for_caches_the_fallback_per_bucket(config_dir):
+    assert tuning._resolve("moe_experts", "pairs16", "GPU X", "sm_90", moe.fallback_config,
+                           moe.config_from_json) == moe.fallback_config("pairs16", "sm_90")
+    _write(config_dir, "sm_90", "sm_90", "moe_experts", "pairs16", _moe_entry(64))
     assert tuning._resolve("moe_experts", "pairs16", "GPU X", "sm_90", moe.fallback_config,
                            moe.config_from_json).block_m == 64
-    _write(tmp_path, tuning.device_key("GPU X"), "sm_90", _entry(128))
-    tuning.clear_caches()
-    entry, source = tuning.lookup("moe_experts", "pairs16", "GPU X", "sm_90")
-    assert entry["block_m"] == 128 and source.startswith("GPU_X.json")
-    monkeypatch.setenv("FUSED_OPS_FALLBACK_CONFIGS", "1")
-    assert tuning.lookup("moe_experts", "pairs16", "GPU X", "sm_90") == (None, "fallback (FUSED_OPS_FALLBACK_CONFIGS=1)")
 
 
 def test_names_and_buckets():
     assert tuning.device_key("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
     assert tuning.family_of(9) == "sm_90" and tuning.family_of(12) == "sm_120" and tuning.family_of(8) == "generic"
     assert moe.pairs_bucket(32 * 4, 8) == 16 and moe.pairs_bucket(200 * 4, 8) == 128 and moe.pairs_bucket(1, 8) == 1
+    assert [LN.gemm_bucket(M) for M in (17, 64, 65, 3000, 8192)] == ["M32", "M64", "M128", "M4096", "M8192"]
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    assert MS.tuning_bucket(1, 32, 128, bf16) == MS.tuning_bucket(1, 20, 96, fp16) == "d128_rows32"
+    assert MS.tuning_bucket(16, 32, 200, bf16) == "d256_rows512" and MS.tuning_bucket(3, 5, 7, bf16) == "d255_rows16"
+    assert MS.tuning_bucket(1, 1024, 64, fp32) == "fp32_rows1024"
+    for bucket in ("d128_rows32", "d256_rows8", "d255_rows1", "fp32_rows64"):
+        dtype, dim = MS.bucket_family(bucket)
+        assert MS.tuning_bucket(1, 1, dim, dtype).split("_")[0] == bucket.split("_")[0]
 
 
-def test_every_candidate_fits_its_family():
+# the heuristic tables the fallbacks replaced: (M, family) -> (BM, BN, BK, GROUP_M, warps, stages)
+OLD_GEMM = {(40, "sm_90"): (64, 128, 64, 8, 4, 4), (300, "sm_90"): (128, 128, 64, 8, 8, 4),
+            (8192, "sm_90"): (256, 128, 64, 8, 8, 4), (8192, "sm_100"): (128, 128, 64, 8, 8, 4),
+            (40, "sm_120"): (64, 128, 64, 8, 4, 2), (3000, "sm_120"): (128, 128, 64, 8, 8, 2)}
+
+
+@pytest.mark.parametrize("M, family", OLD_GEMM)
+def test_gemm_fallback_is_the_old_table(M, family):
+    t = tunables.tuning.TUNABLES["layernorm_linear"]
+    expected = LN.GemmConfig(*OLD_GEMM[(M, family)])
+    assert LN.gemm_fallback(LN.gemm_bucket(M), family) == expected
+    assert t.fallback(dict(M=M, **tunables.REFERENCE_LN), family) == expected
+
+
+def test_gemm_launch_config_without_json(config_dir):
+    """No JSON: the fallback of this device's family, and float32's one tile whatever M."""
+    _, family = tuning.current_device()
+    device = torch.device(DEVICE)
+    assert LN.pick_gemm_config(300, torch.bfloat16, device) == LN.fit_shared(
+        LN.gemm_fallback("M512", family), LN.max_shared_memory(device))
+    assert LN.pick_gemm_config(300, torch.float32, device) == LN.pick_gemm_config(9000, torch.float32, device) \
+        == LN.GemmConfig(64, 64, 32, 8, 4, 3)
+
+
+# (Nq, Lq, d, dtype, family) -> the old choose_config at Nd = 10000 on 132 SMs:
+# (block_q, block_d, group, warps, stages)
+OLD_MAXSIM = {(1, 32, 128, torch.bfloat16, "sm_90"): (32, 64, 9, 2, 3),
+              (16, 32, 128, torch.bfloat16, "sm_90"): (256, 64, 16, 8, 3),
+              (16, 32, 128, torch.bfloat16, "sm_120"): (256, 64, 16, 8, 2),
+              (3, 100, 96, torch.float16, "sm_100"): (128, 64, 16, 8, 3),
+              (1, 1024, 200, torch.bfloat16, "sm_120"): (128, 32, 16, 8, 2),
+              (2, 3, 7, torch.bfloat16, "sm_90"): (32, 16, 9, 4, 3),
+              (4, 8, 64, torch.float32, "sm_90"): (32, 32, 9, 4, 3)}
+
+
+@pytest.mark.parametrize("key", OLD_MAXSIM, ids=[str(i) for i in range(len(OLD_MAXSIM))])
+def test_maxsim_fallback_is_the_old_heuristic(key):
+    Nq, Lq, d, dtype, family = key
+    smem = tuning.SHARED_LIMIT[family]
+    block_q, block_d, group, warps, stages = OLD_MAXSIM[key]
+    tiling = MS.heuristic_tiling(Nq, Lq, d, dtype, smem)
+    assert tiling == MS.Tiling(block_q, block_d, warps, stages)
+    cfg = MS.choose_config(Nq, Lq, 10_000, d, dtype, 132, smem)
+    assert cfg == MS.choose_config(Nq, Lq, 10_000, d, dtype, 132, smem, tiling=tiling)
+    assert cfg == MS.MaxSimConfig(block_q, block_d, group, warps, stages)
+    if dtype == torch.bfloat16 and d == 128:
+        shape = dict(tunables.MAXSIM_SHAPES[0], Nq=Nq, Lq=Lq)
+        assert tuning.TUNABLES["maxsim"].fallback(shape, family) == tiling
+
+
+def test_every_candidate_fits_its_family_and_round_trips():
     for name, t in tuning.TUNABLES.items():
-        for family in ("sm_90", "sm_100", "sm_120"):
+        for family in FAMILIES:
             for shape in t.shapes:
-                fitting = [c for c in t.space(family, shape) if t.fits(c, family)]
-                assert fitting, f"{name} has no candidate for {family} at {shape}"
+                fitting = [c for c in t.space(family, shape) if t.fits(c, family, shape)]
+                assert fitting or family == "generic", f"{name} has no candidate for {family} at {shape}"
+                for config in fitting + [t.fallback(shape, family)]:
+                    assert t.parse(json.loads(json.dumps(t.to_json(config)))) == config
+
+
+class _LaunchLog:
+    """Wraps a module's kernel to record the keyword arguments (constexprs) of each launch."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.calls = []
+        kernel, calls = getattr(module, name), self.calls
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    calls.append(kwargs)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(module, name, Spy())
+
+
+def _ln_inputs(M, K, N, dtype):
+    return (rand(M, K, dtype=dtype), rand(K, dtype=dtype), rand(K, dtype=dtype),
+            rand(N, K, dtype=dtype, scale=K ** -0.5), rand(N, dtype=dtype))
+
+
+def _ln_oracle(x, g, b, w, bias):
+    return reference.layernorm_linear(x.double(), g.double(), b.double(), w.double(), bias.double())
+
+
+def test_layernorm_linear_launch_honours_a_json_entry(config_dir, monkeypatch):
+    import fused_ops
+    name, family = tuning.current_device()
+    forced = LN.GemmConfig(32, 64, 32, 2, 4, 2)
+    _write(config_dir, family, family, "layernorm_linear", "M64", LN.gemm_to_json(forced))
+    log = _LaunchLog(monkeypatch, LN, "layernorm_linear_folded_gemm_kernel")
+    x, g, b, w, bias = _ln_inputs(40, 200, 520, torch.bfloat16)
+    y = fused_ops.layernorm_linear(x, g, b, w, bias)
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], c["num_warps"], c["STAGES"]) for c in log.calls] \
+        == [(32, 64, 32, 2, 4, 2)]
+    assert_close(y, _ln_oracle(x, g, b, w, bias), torch.bfloat16)
+    monkeypatch.setenv("FUSED_OPS_FALLBACK_CONFIGS", "1")
+    tuning.clear_caches()
+    fused_ops.layernorm_linear(x, g, b, w, bias)
+    assert log.calls[-1]["BLOCK_M"] == LN.pick_gemm_config(40, torch.bfloat16, x.device).block_m != 32
+
+
+def test_maxsim_launch_honours_a_json_entry(config_dir, monkeypatch):
+    import fused_ops
+    name, family = tuning.current_device()
+    _write(config_dir, family, family, "maxsim", "d128_rows8", MS.tiling_to_json(MS.Tiling(16, 16, 4, 2)))
+    log = _LaunchLog(monkeypatch, MS, "maxsim_kernel")
+    Q, D = rand(2, 3, 16, dtype=torch.bfloat16), rand(5, 40, 16, dtype=torch.bfloat16)
+    d_lengths = torch.tensor([40, 0, 17, 1, 33], device=DEVICE)
+    out = fused_ops.maxsim(Q, D, d_lengths=d_lengths)
+    values, indices = fused_ops.maxsim_topk(Q, D, 2, d_lengths=d_lengths)
+    assert {(c["BLOCK_Q"], c["BLOCK_D"], c["num_warps"], c["num_stages"]) for c in log.calls} == {(16, 16, 4, 2)}
+    ref = reference.maxsim(Q.double(), D.double(), d_lengths=d_lengths)
+    assert_close(out, ref, torch.bfloat16)
+    assert_close(values, ref.topk(2, dim=-1).values, torch.bfloat16)
+    fused_ops.maxsim(rand(2, 3, 8, dtype=torch.bfloat16), D[..., :8], d_lengths=d_lengths)     # same bucket
+    fused_ops.maxsim(rand(2, 5, 16, dtype=torch.bfloat16), D, d_lengths=d_lengths)             # rows16: fallback
+    assert log.calls[-2]["BLOCK_Q"] == 16 and log.calls[-1]["BLOCK_Q"] != 16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forced_gemm_configs_from_the_space_match_the_reference(monkeypatch, dtype):
+    """Non-default candidates: a K step past K (masked tail), and a 256-wide column block past N."""
+    shape = dict(M=40, **tunables.REFERENCE_LN)
+    space = tuning.TUNABLES["layernorm_linear"].space("sm_90", shape)
+    x, g, b, w, bias = _ln_inputs(40, 200, 520, dtype)
+    ref = _ln_oracle(x, g, b, w, bias)
+    log = _LaunchLog(monkeypatch, LN, "layernorm_linear_folded_gemm_kernel")
+    for config in (LN.GemmConfig(64, 64, 128, 8, 4, 4), LN.GemmConfig(64, 256, 64, 8, 8, 3)):
+        assert config in space and config != LN.gemm_fallback("M64", "sm_90")
+        y = torch.full((40, 520), float("nan"), dtype=dtype, device=DEVICE)
+        LN._launch_gemm(x, g, b, w, bias, y, 1e-5, config)
+        expected = dict(LN.gemm_constexprs(config), num_warps=config.num_warps)
+        assert {key: log.calls[-1][key] for key in expected} == expected
+        assert_close(y, ref, dtype)
+
+
+def test_forced_maxsim_tilings_from_the_space_match_the_reference(monkeypatch):
+    """Non-default candidates on both paths: half and twice the chunk, more warps, other stages."""
+    Nq, Lq, d = 3, 20, 16
+    space = tuning.TUNABLES["maxsim"].space("sm_90", dict(tunables.MAXSIM_SHAPES[0], Nq=Nq, Lq=Lq, d=d))
+    Q, D = rand(Nq, Lq, d, dtype=torch.bfloat16), rand(9, 70, d, dtype=torch.bfloat16)
+    d_lengths = torch.tensor([70, 0, 65, 1, 64, 33, 2, 69, 40], device=DEVICE)
+    ref = reference.maxsim(Q.double(), D.double(), d_lengths=d_lengths)
+    log = _LaunchLog(monkeypatch, MS, "maxsim_kernel")
+    for tiling in (MS.Tiling(32, 32, 2, 2), MS.Tiling(64, 128, 8, 4)):
+        assert tiling in space and tiling != MS.heuristic_tiling(Nq, Lq, d, torch.bfloat16, 232448)
+        for k in (None, 3):
+            cfg = MS.choose_config(Nq, Lq, D.shape[0], d, torch.bfloat16, 4, 1 << 30, k, tiling)
+            if k is None:
+                assert_close(MS.launch_maxsim(Q, D, None, d_lengths, "sum", cfg), ref, torch.bfloat16)
+            else:
+                values, _ = MS.launch_maxsim_topk(Q, D, k, None, d_lengths, "sum", cfg)
+                assert_close(values, ref.topk(k, dim=-1).values, torch.bfloat16)
+            launched = log.calls[-1]
+            assert launched["TOPK"] == (k is not None)
+            assert (launched["BLOCK_Q"], launched["BLOCK_D"], launched["num_warps"], launched["num_stages"]) \
+                == (tiling.block_q, tiling.block_d, tiling.num_warps, tiling.num_stages)
+
+
+def test_configs_report_names_the_json_or_the_fallback(config_dir, capsys):
+    from fused_ops.__main__ import main
+    _write(config_dir, "sm_100", "sm_100", "maxsim", "d128_rows512", MS.tiling_to_json(MS.Tiling(128, 32, 8, 4)))
+    main(["configs", "--device", "NVIDIA B200"])
+    out = capsys.readouterr().out
+    assert "family sm_100" in out
+    lines = out.splitlines()
+    for kernel in ("moe_experts", "layernorm_linear", "maxsim"):
+        assert any(line.startswith(kernel) for line in lines)
+    maxsim_512 = next(i for i, line in enumerate(lines) if line.startswith("maxsim") and "d128_rows512" in line)
+    assert "<- sm_100.json (test" in lines[maxsim_512] and "'block_q': 128" in lines[maxsim_512 + 1]
+    assert "(fallback: {'block_q': 256" in lines[maxsim_512 + 2]
+    assert any(line.startswith("layernorm_linear") and "built-in fallback (no JSON entry)" in line for line in lines)
 
 
 def test_tuner_skips_failures_and_rejects_wrong_winners(tmp_path, monkeypatch):
@@ -65,8 +282,8 @@ def test_tuner_skips_failures_and_rejects_wrong_winners(tmp_path, monkeypatch):
             raise RuntimeError("OutOfResources: shared memory")
         return (lambda: config), (lambda: 1.0 if config == "fast_but_wrong" else 0.0)
 
-    fake = tuning.Tunable(name="fake", space=lambda family, shape: configs[1:], fits=lambda c, f: True,
-                          bucket=lambda s: "b", fallback=lambda b, f: "fallback", make_run=make_run,
+    fake = tuning.Tunable(name="fake", space=lambda family, shape: configs[1:], fits=lambda c, f, s: True,
+                          bucket=lambda s: "b", fallback=lambda s, f: "fallback", make_run=make_run,
                           to_json=lambda c: {"name": c}, parse=lambda e: e["name"], shapes=[{"M": 1}])
     monkeypatch.setattr(tuner, "_time_ms", lambda run: times[run()])
     monkeypatch.setitem(tuning.TUNABLES, "fake", fake)
