@@ -270,10 +270,11 @@ def router_bucket(shape: dict) -> str:
 
 def router_space(family: str, shape: dict) -> list:
     """Raw-dot tiles (many rows) and broadcast tiles (few), each with K slices; grids of 16 to
-    4096 programs only."""
+    4096 programs only. Raw-dot tiles take 8 warps: a tuned entry serves both gatings, and at 4
+    warps the distance gate's five row-sum tiles spill (offline compile, sm_90, 32 and 64 rows)."""
     M, K = shape["M"], shape["K"]
-    raw = [router.RouterTiling(True, bm, 128, w, st, sp)
-           for bm, sp, w, st in itertools.product((32, 64), (1, 2, 4, 8, 16), (4, 8), (4, 6))]
+    raw = [router.RouterTiling(True, bm, 128, 8, st, sp)
+           for bm, sp, st in itertools.product((32, 64), (1, 2, 4, 8, 16), (4, 6))]
     bcast = [router.RouterTiling(False, bm, bk, 4, 2, sp)
              for bm, sp, bk in itertools.product((1, 2), (1, 2, 4, 8, 16), (1024, 2048))]
     return [t for t in raw + bcast
