@@ -47,7 +47,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
-from ._runtime import dot_precision, dot_upcast, max_shared_memory, pow2, rows, sm_count, use_triton
+from ._runtime import dot_precision, dot_upcast, max_shared_memory, pow2, rows, skips_dispatcher, sm_count, use_triton
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
 ROWS_MAX_M = 16          # up to this many rows, large N also takes the rows kernel (W read once)
@@ -727,13 +727,15 @@ def offline_builds():
 # ---------------------------------------------------------------------------------------------
 # op
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("fused_ops::layernorm_linear", mutates_args=())
-def _layernorm_linear_op(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+def _layernorm_linear(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
                          weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     # float64 (oracle precision) keeps the reference: the kernels compute in fp32
     if use_triton(x) and x.dtype != torch.float64:
         return launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
     return reference._layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
+
+
+_layernorm_linear_op = torch.library.custom_op("fused_ops::layernorm_linear", mutates_args=())(_layernorm_linear)
 
 
 @_layernorm_linear_op.register_fake
@@ -746,4 +748,5 @@ def layernorm_linear(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias
     """F.linear(F.layer_norm(x, (K,), ln_weight, ln_bias, eps), weight, bias) with fp32 statistics and
     accumulation; LayerNorm(x) is never written to memory. y [..., N] in x's dtype."""
     reference.check_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
-    return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps))
+    op = _layernorm_linear if skips_dispatcher(x) else _layernorm_linear_op
+    return op(x, ln_weight, ln_bias, weight, bias, float(eps))

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import reference, tuning
-from ._runtime import TL_DTYPE, dot_precision, dot_upcast, pow2, use_triton
+from ._runtime import TL_DTYPE, dot_precision, dot_upcast, pow2, skips_dispatcher, use_triton
 from .topk import topk_tile
 
 MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, QPB_PAD] ownership tile)
@@ -474,12 +474,14 @@ def _kernel_ok(Q: torch.Tensor) -> bool:
     return use_triton(Q) and Q.dtype in TL_DTYPE
 
 
-@torch.library.custom_op("fused_ops::maxsim", mutates_args=())
-def _maxsim_op(Q: torch.Tensor, D: torch.Tensor, q_lengths: Optional[torch.Tensor],
+def _maxsim(Q: torch.Tensor, D: torch.Tensor, q_lengths: Optional[torch.Tensor],
                d_lengths: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
     if _kernel_ok(Q):
         return launch_maxsim(Q, D, q_lengths, d_lengths, reduction)
     return reference._maxsim(Q, D, q_lengths, d_lengths, reduction).to(torch.float32)
+
+
+_maxsim_op = torch.library.custom_op("fused_ops::maxsim", mutates_args=())(_maxsim)
 
 
 @_maxsim_op.register_fake
@@ -487,8 +489,7 @@ def _(Q, D, q_lengths, d_lengths, reduction):
     return Q.new_empty((Q.shape[0], D.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("fused_ops::maxsim_varlen", mutates_args=())
-def _maxsim_varlen_op(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torch.Tensor,
+def _maxsim_varlen(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torch.Tensor,
                       q_lengths: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
     if _kernel_ok(Q):
         return launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction)
@@ -496,18 +497,23 @@ def _maxsim_varlen_op(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torc
     return reference._maxsim(Q, D, q_lengths, lengths, reduction).to(torch.float32)
 
 
+_maxsim_varlen_op = torch.library.custom_op("fused_ops::maxsim_varlen", mutates_args=())(_maxsim_varlen)
+
+
 @_maxsim_varlen_op.register_fake
 def _(Q, D_packed, doc_offsets, q_lengths, reduction):
     return Q.new_empty((Q.shape[0], doc_offsets.shape[0] - 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("fused_ops::maxsim_topk", mutates_args=())
-def _maxsim_topk_op(Q: torch.Tensor, D: torch.Tensor, k: int, q_lengths: Optional[torch.Tensor],
+def _maxsim_topk(Q: torch.Tensor, D: torch.Tensor, k: int, q_lengths: Optional[torch.Tensor],
                     d_lengths: Optional[torch.Tensor], reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     if _kernel_ok(Q):
         return launch_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction)
     scores = reference._maxsim(Q, D, q_lengths, d_lengths, reduction).to(torch.float32)
     return reference.ranked_topk(scores, k)
+
+
+_maxsim_topk_op = torch.library.custom_op("fused_ops::maxsim_topk", mutates_args=())(_maxsim_topk)
 
 
 @_maxsim_topk_op.register_fake
@@ -520,18 +526,21 @@ def maxsim(Q: torch.Tensor, D: torch.Tensor, *, q_lengths: Optional[torch.Tensor
            d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
     """float32 scores [Nq, Nd] of queries Q [Nq, Lq, d] against padded documents D [Nd, Ld, d]."""
     reference.check_maxsim(Q, D, q_lengths, d_lengths, reduction)
-    return _maxsim_op(Q, D, q_lengths, d_lengths, reduction)
+    op = _maxsim if skips_dispatcher(Q) else _maxsim_op
+    return op(Q, D, q_lengths, d_lengths, reduction)
 
 
 def maxsim_varlen(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torch.Tensor, *,
                   q_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
     """float32 scores [Nq, Nd] against documents packed end to end in D_packed [T, d]."""
     reference.check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction)
-    return _maxsim_varlen_op(Q, D_packed, doc_offsets, q_lengths, reduction)
+    op = _maxsim_varlen if skips_dispatcher(Q) else _maxsim_varlen_op
+    return op(Q, D_packed, doc_offsets, q_lengths, reduction)
 
 
 def maxsim_topk(Q: torch.Tensor, D: torch.Tensor, k: int, *, q_lengths: Optional[torch.Tensor] = None,
                 d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum"):
     """(scores float32 [Nq, k], indices int64 [Nq, k]): each query's k best documents, descending."""
     reference.check_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction)
-    return _maxsim_topk_op(Q, D, k, q_lengths, d_lengths, reduction)
+    op = _maxsim_topk if skips_dispatcher(Q) else _maxsim_topk_op
+    return op(Q, D, k, q_lengths, d_lengths, reduction)

@@ -14,8 +14,12 @@ from . import tuning
 
 
 def _time_ms(run) -> float:
-    from triton.testing import do_bench
-    return float(do_bench(run, warmup=10, rep=40, return_mode="median"))
+    """Median ms of one launch replayed in a CUDA graph: the GPU time a config controls (eager timing
+    of a microsecond kernel mostly measures Python launch work, which no config changes). Every
+    tunable launch is sync-free, so it captures; this is the tuner's own graph, never a caller's."""
+    from triton.testing import do_bench_cudagraph
+    with torch.cuda.stream(torch.cuda.Stream()):
+        return float(do_bench_cudagraph(run, rep=40, return_mode="median"))
 
 
 def tune_kernel(tunable: tuning.Tunable, shapes: list, family: str, progress: bool = True) -> tuple[dict, list]:

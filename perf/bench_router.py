@@ -2,7 +2,7 @@
 
 fused_router: x [M, 8320] bf16, E=8, k=4 (FuseMoE's router). The floor is reading x, the gate and
 the LayerNorm parameters once and writing k weights and indices per row; the gate's FLOPs
-(2*M*K*E) are far under the bf16 rate. Every M is also timed in a CUDA graph (no launch gaps).
+(2*M*K*E) are far under the bf16 rate. Every case is also timed in a CUDA graph (no launch gaps).
 layernorm_linear: M=8192, K=8320, N=4096 bf16 against cuBLAS F.linear alone (no LayerNorm: the
 bar the fused op should reach) and F.layer_norm + F.linear. The floor is 2*M*N*K FLOPs.
 """
@@ -65,7 +65,7 @@ def _layernorm_linear_cases(quick):
     for M in [8192] if quick else [256, 2048, 8192]:
         x = torch.randn(M, K, device="cuda", dtype=DTYPE)
         out.append(Case("layernorm_linear", {"M": M, "K": K, "N": N}, DTYPE, bytes=(M * K + N * K + M * N) * 2,
-                        flops=2 * M * N * K, providers={
+                        flops=2 * M * N * K, graph=True, providers={
             "fused_ops": lambda x=x: fused_ops.layernorm_linear(x, g, b, w, bias),
             "cublas F.linear (no LN)": lambda x=x: F.linear(x, w, bias),
             "torch": lambda x=x: torch_layernorm_linear(x, g, b, w, bias),
