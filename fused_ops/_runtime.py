@@ -26,13 +26,20 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu")
 
 
-def skips_dispatcher(t: torch.Tensor) -> bool:
-    """Whether an op called on `t` may run its function directly instead of through its custom op
-    (the dispatcher costs ~20 us of Python a call, more than a small kernel takes): a plain CUDA
-    tensor in eager mode with no dispatch mode active. Tracing (torch.compile and export see
-    FakeTensors), dispatch modes and CPU tensors go through the registered op."""
-    return (type(t) is torch.Tensor and t.is_cuda and not torch.compiler.is_compiling()
-            and not is_in_torch_dispatch_mode())
+def skips_dispatcher(*tensors) -> bool:
+    """Whether an op on these tensors (None for absent ones) may run its function directly instead
+    of through its custom op (the dispatcher costs ~20 us of Python a call, more than a small kernel
+    takes): plain CUDA tensors, in eager mode, with no dispatch mode or functorch transform (vmap,
+    grad, functionalize) active and no tensor that autograd would track. Everything else goes
+    through the registered op, which FakeTensors, transforms and autograd know how to handle."""
+    first = tensors[0]
+    if not (type(first) is torch.Tensor and first.is_cuda):
+        return False
+    if (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    tracked = torch.is_grad_enabled()
+    return all(t is None or (type(t) is torch.Tensor and not (tracked and t.requires_grad)) for t in tensors)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:

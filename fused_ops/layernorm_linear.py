@@ -62,10 +62,12 @@ EPILOGUE_SHARED = 32768  # shared memory a gemm config leaves beside its pipelin
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def row_pivot(x_rows, K, BLOCK_K: tl.constexpr):
-    """Mean of each row's first min(K, BLOCK_K) values: the shift taken out before any sum."""
+    """Mean of each row's first min(K, BLOCK_K) values: the shift taken out before any sum. Divided
+    with round-to-nearest (GPU fp32 `/` may land an ulp off), so a constant 16-bit row's pivot is
+    its value exactly and its shifted sums are exactly 0 (the constant-row rstd = 0 rule)."""
     col = tl.arange(0, BLOCK_K)
     x = tl.load(x_rows[:, None] + col[None, :], mask=col[None, :] < K, other=0.0).to(tl.float32)
-    return tl.sum(x, axis=1) / tl.minimum(K, BLOCK_K)
+    return tl.math.div_rn(tl.sum(x, axis=1), tl.minimum(K, BLOCK_K).to(tl.float32))
 
 
 @triton.jit
@@ -428,7 +430,7 @@ def rows_config(M: int, N: int, K: int, n_sm: int, itemsize: int) -> dict:
         block_k = min(256 // itemsize, TILE_BUDGET // block_n)      # 256-byte row segments per step
     else:
         block_m = max(1, min(block_m, TILE_BUDGET // (16 * block_n)))
-        block_k = min(1024, TILE_BUDGET // (block_m * block_n))
+        block_k = min(2048 // itemsize, TILE_BUDGET // (block_m * block_n))   # fp32: 512 (1024 spills on sm_120)
     block_k = max(16, min(block_k, pow2(K)))
     widest = (max(block_m, block_n) if use_dot else block_m * block_n) * block_k   # fp32 values per step
     stages = 3 if 3 * (block_m + block_n) * block_k * itemsize <= ROWS_STAGE_BYTES else 2
@@ -748,5 +750,5 @@ def layernorm_linear(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias
     """F.linear(F.layer_norm(x, (K,), ln_weight, ln_bias, eps), weight, bias) with fp32 statistics and
     accumulation; LayerNorm(x) is never written to memory. y [..., N] in x's dtype."""
     reference.check_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps)
-    op = _layernorm_linear if skips_dispatcher(x) else _layernorm_linear_op
+    op = _layernorm_linear if skips_dispatcher(x, ln_weight, ln_bias, weight, bias) else _layernorm_linear_op
     return op(x, ln_weight, ln_bias, weight, bias, float(eps))

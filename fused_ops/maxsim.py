@@ -526,7 +526,7 @@ def maxsim(Q: torch.Tensor, D: torch.Tensor, *, q_lengths: Optional[torch.Tensor
            d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
     """float32 scores [Nq, Nd] of queries Q [Nq, Lq, d] against padded documents D [Nd, Ld, d]."""
     reference.check_maxsim(Q, D, q_lengths, d_lengths, reduction)
-    op = _maxsim if skips_dispatcher(Q) else _maxsim_op
+    op = _maxsim if skips_dispatcher(Q, D, q_lengths, d_lengths) else _maxsim_op
     return op(Q, D, q_lengths, d_lengths, reduction)
 
 
@@ -534,7 +534,7 @@ def maxsim_varlen(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torch.Te
                   q_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
     """float32 scores [Nq, Nd] against documents packed end to end in D_packed [T, d]."""
     reference.check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction)
-    op = _maxsim_varlen if skips_dispatcher(Q) else _maxsim_varlen_op
+    op = _maxsim_varlen if skips_dispatcher(Q, D_packed, doc_offsets, q_lengths) else _maxsim_varlen_op
     return op(Q, D_packed, doc_offsets, q_lengths, reduction)
 
 
@@ -542,5 +542,5 @@ def maxsim_topk(Q: torch.Tensor, D: torch.Tensor, k: int, *, q_lengths: Optional
                 d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum"):
     """(scores float32 [Nq, k], indices int64 [Nq, k]): each query's k best documents, descending."""
     reference.check_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction)
-    op = _maxsim_topk if skips_dispatcher(Q) else _maxsim_topk_op
+    op = _maxsim_topk if skips_dispatcher(Q, D, q_lengths, d_lengths) else _maxsim_topk_op
     return op(Q, D, k, q_lengths, d_lengths, reduction)

@@ -419,5 +419,5 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     On CUDA, rows of tokens with an index outside [0, E) come out NaN (no host sync to raise).
     """
     reference.check_moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
-    op = _moe_experts if skips_dispatcher(x) else _moe_experts_op
+    op = _moe_experts if skips_dispatcher(x, weights, indices, w1, b1, w2, b2) else _moe_experts_op
     return op(x, weights, indices, w1, b1, w2, b2, activation)

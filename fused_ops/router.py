@@ -27,15 +27,19 @@ d = mean - pivot):
 The row terms are sums of the K loop; the shift keeps d small, so nothing cancels but h ~ w_e
 itself (clamped at 0 before the square root).
 The terms that depend on the parameters alone (W' 1, W @ beta, v_e . gamma, ||v_e||^2,
-gamma . gamma, and the split operand) come from gate_sums_kernel, run once per version of
+gamma . gamma, and the W' halves) come from gate_sums_kernel, run once per version of
 (gate weight, LN weight, LN bias) and cached: the K loop keeps only work on x (a first call, or
-inference tensors, which keep no version, add that small launch).
+inference tensors, which keep no version, add that small launch). A CUDA graph captured after
+the cache was filled holds the cached buffers: replays do not see later in-place changes of the
+three parameters (capture again after changing them), and writes through `.data` keep the version,
+so no call sees those.
 Wider E computes the logits with the same helpers tiled over experts, then the unfused ops.
 
 Accuracy of the raw dot: without the pivot inside the dot, x @ W'^T and pivot * W' 1 each round by
 ~2^-24 |mean| |W'|, against logits of size std |W'|. 16-bit x bounds |mean| / std (~2^8 for bf16
 rows whose spread is a few units in the last place), a loss of ~2^-16 sqrt(K / BLOCK_K); a
-constant row (std 0) gets rstd = 0, LayerNorm's exact answer (h = beta).
+constant row (std 0) gets rstd = 0, LayerNorm's exact answer (h = beta). (fp16: |mean| / std ~2^11,
+a loss of ~2^-13 sqrt(K / BLOCK_K), and the halves carry ~2^-21 of W' instead of bf16's ~2^-17.)
 """
 from __future__ import annotations
 
@@ -66,11 +70,11 @@ ROW_SUMS = tl.constexpr(4)   # partial row sums a K slice hands to the finishing
 
 @triton.jit
 def gate_sums_kernel(w_ptr, g_ptr, b_ptr, sums_ptr, op_ptr, E, K, stride_w, HAS_GAMMA: tl.constexpr,
-                     HAS_BETA: tl.constexpr, SPLIT_OPERAND: tl.constexpr, BLOCK_E: tl.constexpr,
+                     HAS_BETA: tl.constexpr, W_HALVES: tl.constexpr, BLOCK_E: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """sums [N_GATE_SUMS, E] fp32: W' 1 (W' = W * gamma), W @ beta, v_e . gamma, ||v_e||^2
     (v_e = w_e - beta) and gamma . gamma (in every column), for experts col.
-    SPLIT_OPERAND: also op[2e] = hi, op[2e + 1] = lo, with hi + lo = W'[e] to ~2^-17 (16-bit), and
+    W_HALVES: also op[2e] = hi, op[2e + 1] = lo, with hi + lo = W'[e] to ~2^-17 (16-bit), and
     W' 1 adds up those rounded halves (the raw dot's pivot correction must match its operand)."""
     col = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     w_rows = row_starts(w_ptr, col, E, stride_w)
@@ -86,7 +90,7 @@ def gate_sums_kernel(w_ptr, g_ptr, b_ptr, sums_ptr, op_ptr, E, K, stride_w, HAS_
         w = tl.load(w_rows[:, None] + kk[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
         g, b = load_affine(g_ptr, b_ptr, kk, k_ok, HAS_GAMMA, HAS_BETA, False)
         folded = w * g[None, :]
-        if SPLIT_OPERAND:
+        if W_HALVES:
             hi = folded.to(op_ptr.dtype.element_ty)
             lo = (folded - hi.to(tl.float32)).to(op_ptr.dtype.element_ty)
             op = op_ptr + (2 * col).to(tl.int64)[:, None] * K + kk[None, :]
@@ -159,7 +163,7 @@ def router_partial_sums(x_rows, pivot, w_ptr, g_ptr, b_ptr, col, k_start, k_stop
                         STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
     """(acc [BM, BLOCK_E], s1, s2, aa, ag) of columns k_start:k_stop, by either path (module doc).
     Masks stop at k_stop (slices need not be whole BLOCK_K steps; EVEN_K: they and K are)."""
-    if RAW_DOT:                                    # w_ptr is the split operand [2 * BLOCK_E, K]
+    if RAW_DOT:                                    # w_ptr is the W' halves [2 * BLOCK_E, K]
         acc, s1, s2, aa, ag = raw_dot_sums(
             x_rows, pivot, row_starts(w_ptr, tl.arange(0, 2 * BLOCK_E), 2 * BLOCK_E, K), g_ptr, b_ptr, k_start,
             k_stop, k_stop, HAS_GAMMA, HAS_BETA, LAPLACE, EVEN_K, DOT_UPCAST, STAGES, BLOCK_K)
@@ -244,7 +248,7 @@ def fused_router_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, part_ptr, 
                 s2 += tl.load(stats + M, mask=row_ok, other=0.0, cache_modifier=".cg")
                 aa += tl.load(stats + 2 * M, mask=row_ok, other=0.0, cache_modifier=".cg")
                 ag += tl.load(stats + 3 * M, mask=row_ok, other=0.0, cache_modifier=".cg")
-                parts += M * BLOCK_E
+                parts += M * BLOCK_E                 # int32: K is split only for small M
                 stats += ROW_SUMS * M
             tl.store(count_ptr + tl.program_id(0), 0)
     if last:
@@ -271,7 +275,7 @@ def router_logits_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, logits_pt
                          USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                          STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """E > MAX_FUSED_E: fp32 logits [M, E] in (rows, experts) blocks, for the unfused softmax and
-    top-k (RAW_DOT: one expert block, w_ptr the split operand)."""
+    top-k (RAW_DOT: one expert block, w_ptr the W' halves)."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     x_rows = row_starts(x_ptr, row, M, stride_x)
@@ -284,7 +288,7 @@ def router_logits_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, logits_pt
     store_tile(logits_ptr, E, row, col, M, E, logits)
 
 
-# gate weight -> (stamp of (gate weight, ln_weight, ln_bias), sums, split operand or None); entries die
+# gate weight -> (stamp of (gate weight, ln_weight, ln_bias), sums, W' halves or None); entries die
 # with the weight
 _GATE_SUMS = WeakTensorKeyDictionary()
 
@@ -295,7 +299,7 @@ def raw_dot_block_e(E: int) -> int:
 
 
 def gate_sums(gate_weight, ln_weight, ln_bias) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """([N_GATE_SUMS, E] fp32, the raw dot's split operand [2 * raw_dot_block_e(E), K] or None) from
+    """([N_GATE_SUMS, E] fp32, the raw dot's W' halves [2 * raw_dot_block_e(E), K] or None) from
     gate_sums_kernel, cached until any of the three tensors changes. The operand exists for 16-bit
     gates of up to NARROW_E experts (the raw dot's)."""
     key = (gate_weight, ln_weight, ln_bias)
@@ -306,12 +310,12 @@ def gate_sums(gate_weight, ln_weight, ln_bias) -> tuple[torch.Tensor, Optional[t
     E, K = w.shape
     g, b = contiguous_vector(ln_weight), contiguous_vector(ln_bias)
     sums = torch.empty((N_GATE_SUMS, E), dtype=torch.float32, device=w.device)
-    split = w.dtype != torch.float32 and E <= NARROW_E
+    split = has_w_halves(w)
     op = torch.zeros((2 * raw_dot_block_e(E), K), dtype=w.dtype, device=w.device) if split else None
     block_e = min(16, pow2(E))
     gate_sums_kernel[(triton.cdiv(E, block_e),)](
         w, g if g is not None else w, b if b is not None else w, sums, op if split else w, E, K, w.stride(0),
-        HAS_GAMMA=g is not None, HAS_BETA=b is not None, SPLIT_OPERAND=split, BLOCK_E=block_e,
+        HAS_GAMMA=g is not None, HAS_BETA=b is not None, W_HALVES=split, BLOCK_E=block_e,
         BLOCK_K=min(128, pow2(K, 16)), num_warps=4)
     stamp = version_stamp(key)
     if stamp is not None:
@@ -367,7 +371,7 @@ def router_bucket(M: int) -> str:
 
 
 def raw_dot_stage_bytes(E: int, block_m: int, block_k: int) -> int:
-    """Shared memory of one pipelined K step of the raw dot (16-bit x and split operand tiles)."""
+    """Shared memory of one pipelined K step of the raw dot (16-bit x and W' halves tiles)."""
     return (block_m + 2 * raw_dot_block_e(E)) * block_k * 2
 
 
@@ -390,25 +394,25 @@ def make_config(E: int, K: int, tiling: RouterTiling) -> dict:
 @functools.lru_cache(maxsize=1024)
 def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: bool, family: str) -> RouterTiling:
     """The built-in tiling of a narrow gate (E <= NARROW_E) when no tuned JSON entry applies.
-    raw_dot: 16-bit x and gate (the split operand exists); family: tuning's GPU family (raw-dot
+    raw_dot: 16-bit x and gate (the W' halves exist); family: tuning's GPU family (raw-dot
     stages are cut to fit its shared memory).
 
-    Narrow gates (E <= NARROW_E, FuseMoE's E=8), measured on an H200 at K=8320 bf16 (CUDA-graph
-    times, 2026-11-21): from one row per SM, the raw dot in 64-row blocks, K split until the grid
-    has about one program per SM (M=256: 16 slices, 9.2 us against 20.3 for 1-row broadcast
-    tiles; M=2048: 4 slices, 15.1 us against 46.5; M=8192: no split, 38.1 us = 82% of the x-read
-    floor, against 48 for 6 stages of 128-wide steps in 32-row blocks and 92 for the pivot path's
-    split-operand tiles). 8 warps: the distance gate's five row sums (52 us against 59 with 4).
+    Narrow gates (E <= NARROW_E, FuseMoE's E=8), measured on an H200 at K=8320 bf16, CUDA-graph
+    times (perf/results/NVIDIA_H200/router_sweeps.txt, sweep 2): from one row per SM, the raw dot in
+    64-row blocks, 8 warps, K split until the grid has about one program per SM (M=256: 16 slices,
+    9.2 us against 20.3 for 1-row broadcast tiles; M=2048: 4 slices, 15.1 us; M=8192: no split,
+    38.5 us = 81% of the x-read floor; the distance gate 52 us, and 212 us in 32-row blocks).
     Fewer rows: 1-2 rows per program, a broadcast product and K split into ~2 programs per SM
-    (M=32: 8 slices, 7.2 us against 9.9 unsplit; 2048-wide steps beat 512 and 1024).
+    (sweep 1, M=32: 8 slices, 7.2 us against 9.9 unsplit; 2048-wide steps beat 512 and 1024).
+    sm_100 and sm_120 (offline compile only): 64-row blocks spill a few bytes there (with K slices,
+    and unsplit on sm_120 under triton 3.9), 32-row blocks do not; on the H200 32-row blocks are far
+    slower for the distance gate, so run the tuner on those cards.
     float32 keeps the pivot path's tl.dot tiles. Wider gates: rows_config's blocks."""
     if raw_dot and M >= RAW_DOT_ROWS_PER_SM * n_sm:
-        # 64-row blocks measured best on Hopper; on sm_100 and sm_120 they spill a few bytes with K
-        # slices (offline compile), 32-row blocks do not
         block_m, block_k = (64 if family == "sm_90" else 32), 128
+        splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
         room = tuning.SHARED_LIMIT[family] - SHARED_HEADROOM
         stages = max(2, min(6, room // raw_dot_stage_bytes(E, block_m, block_k)))
-        splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
         return RouterTiling(True, block_m, block_k, 8, stages, splits)
     if not raw_dot and M >= 8 * n_sm:            # float32: the pivot path's tl.dot tiles
         return RouterTiling(False, min(32, max(16, prev_pow2(M // n_sm))), 128 // itemsize, 4, 3, 1)
@@ -445,14 +449,19 @@ def pick_config(M: int, E: int, K: int, x: torch.Tensor, raw_dot: bool) -> dict:
     return _kernel_config(M, E, K, sm_count(x.device), x.element_size(), raw_dot, device_family(x.device))
 
 
+def has_w_halves(gate_weight) -> bool:
+    """gate_sums builds the W' halves for 16-bit gates of at most NARROW_E experts."""
+    return gate_weight.dtype != torch.float32 and gate_weight.shape[0] <= NARROW_E
+
+
 def raw_dot_ok(x, gate_weight) -> bool:
-    """The raw dot needs 16-bit x and a gate of the same dtype with at most NARROW_E experts."""
-    return x.dtype != torch.float32 and gate_weight.dtype == x.dtype and gate_weight.shape[0] <= NARROW_E
+    """The raw dot needs the W' halves and x of the gate's dtype."""
+    return has_w_halves(gate_weight) and gate_weight.dtype == x.dtype
 
 
 def _logit_args(x, ln_weight, ln_bias, gate_weight, gate_bias, gating, raw_dot):
     """The pointer and flag arguments the two router kernels share (x and gate_weight as [rows, K]);
-    raw_dot puts the split operand in gate_weight's place (the launch flag RAW_DOT comes from the config)."""
+    raw_dot puts the W' halves in gate_weight's place (the launch flag RAW_DOT comes from the config)."""
     g, b, wb = contiguous_vector(ln_weight), contiguous_vector(ln_bias), contiguous_vector(gate_bias)
     sums, op = gate_sums(gate_weight, ln_weight, ln_bias)
     w = op if raw_dot else rows(gate_weight)
@@ -545,7 +554,7 @@ def offline_builds():
                                   {**flags, **cfg, "LAPLACE": True}, num_warps=warps,
                                   divisible=divisible_args(M=8192, E=1024, K=K, stride_x=K, stride_w=K)))
         builds.append(KernelBuild(f"router_gate_sums_{dt}", gate_sums_kernel, types,
-                                  dict(HAS_GAMMA=True, HAS_BETA=True, SPLIT_OPERAND=raw_dot, BLOCK_E=8, BLOCK_K=128),
+                                  dict(HAS_GAMMA=True, HAS_BETA=True, W_HALVES=raw_dot, BLOCK_E=8, BLOCK_K=128),
                                   divisible=divisible_args(E=8, K=K, stride_w=K)))
     return builds
 
@@ -579,6 +588,6 @@ def fused_router(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Op
     (weights float32 [..., k], indices int32 [..., k]). gating "softmax" uses LN(x) . w_e as the
     logit, "laplace" -||LN(x) - w_e|| (FuseMoE's distance gate); gate_bias is added to either."""
     reference.check_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temperature, alpha, eps, gating)
-    op = _fused_router if skips_dispatcher(x) else _fused_router_op
+    op = _fused_router if skips_dispatcher(x, ln_weight, ln_bias, gate_weight, gate_bias) else _fused_router_op
     return op(x, ln_weight, ln_bias, gate_weight, gate_bias, k, float(temperature), float(alpha),
               float(eps), bool(renormalize), gating)

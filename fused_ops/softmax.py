@@ -6,16 +6,20 @@ online max/sum pass and a write pass (two reads, one write).
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import asdict, dataclass
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, tuning
 from ._runtime import pow2, row_tiles, rows, skips_dispatcher, use_triton
 
 LOG2E = 1.4426950408889634
 SINGLE_PASS_MAX = 32768     # widest row kept whole in registers (32 warps x 32 lanes x 32 values)
-ONLINE_BLOCK = 4096         # chunk width of the two-pass path
+ONLINE_BLOCK = 4096         # the fallback's chunk width on the two-pass path
 ONLINE_WARPS = 8
 
 
@@ -76,23 +80,90 @@ def softmax_laplace_online_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out,
         tl.store(out_row + c, p, mask=c < n_cols)
 
 
-def launch_softmax_laplace(logits: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------
+# configs: the shipped JSON for this device (tuning.py), else the whole-row heuristic
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SoftmaxConfig:
+    """One launch's blocks: the rows kernel takes BLOCK_M rows of BLOCK_N (the row width to a
+    power of two) per program; the online kernel one row per program (block_m 1) in BLOCK_N chunks."""
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+def config_to_json(config: SoftmaxConfig) -> dict:
+    return asdict(config)
+
+
+def config_from_json(entry: dict) -> SoftmaxConfig:
+    return SoftmaxConfig(**entry)
+
+
+@functools.lru_cache(maxsize=1024)
+def softmax_bucket(n_rows: int, n_cols: int) -> str:
+    """Rows and columns to powers of two: the key a launch's config is stored under (cached: the
+    launch path is microseconds)."""
+    return f"M{pow2(n_rows)}_N{pow2(n_cols)}"
+
+
+def bucket_shape(bucket: str) -> tuple[int, int]:
+    """'M64_N1024' -> (64, 1024)."""
+    m, n = bucket.split("_")
+    return int(m[1:]), int(n[1:])
+
+
+def is_online(bucket: str) -> bool:
+    """Whether the bucket's rows are too wide to keep whole (the two-pass kernel)."""
+    return bucket_shape(bucket)[1] > SINGLE_PASS_MAX
+
+
+def fallback_config(bucket: str, family: str) -> SoftmaxConfig:
+    """The built-in config (the same on every family): about 2K values per program, 16 (at most
+    32) a thread, on the rows kernel; 4096-wide chunks in 8 warps on the online kernel."""
+    if is_online(bucket):
+        return SoftmaxConfig(1, ONLINE_BLOCK, ONLINE_WARPS)
+    return SoftmaxConfig(*row_tiles(*bucket_shape(bucket)))
+
+
+def launch_softmax_laplace(logits: torch.Tensor, temperature: float, alpha: float,
+                           config: Optional[SoftmaxConfig] = None) -> torch.Tensor:
     x = rows(logits)
     n_rows, n_cols = x.shape
     out = torch.empty((n_rows, n_cols), dtype=torch.float32, device=x.device)
     if n_rows == 0 or n_cols == 0:
         return out.reshape(logits.shape)
+    if config is None:
+        config = tuning.config_for("softmax_laplace", softmax_bucket(n_rows, n_cols), fallback_config,
+                                   config_from_json)
     inv_norm = 1.0 / (1.0 + alpha * n_cols)
     args = (LOG2E / temperature, alpha * inv_norm, inv_norm)
     if n_cols <= SINGLE_PASS_MAX:
-        block_m, block_n, warps = row_tiles(n_rows, n_cols)
-        grid = (triton.cdiv(n_rows, block_m),)
+        if config.block_n < n_cols:
+            raise ValueError(f"softmax_laplace: {config} is narrower than the {n_cols}-wide rows")
+        grid = (triton.cdiv(n_rows, config.block_m),)
         softmax_laplace_rows_kernel[grid](x, out, n_rows, n_cols, x.stride(0), out.stride(0), *args,
-                                          BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+                                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps)
     else:
         softmax_laplace_online_kernel[(n_rows,)](x, out, n_cols, x.stride(0), out.stride(0), *args,
-                                                 BLOCK_N=ONLINE_BLOCK, num_warps=ONLINE_WARPS)
+                                                 BLOCK_N=config.block_n, num_warps=config.num_warps)
     return out.reshape(logits.shape)
+
+
+def shipped_configs() -> dict:
+    """Every config the launcher can choose -> (is it the online kernel's, compile targets): the
+    fallback of each width at a few and at many rows, and every shipped JSON entry (its file's
+    family only)."""
+    every = tuple(tuning.FAMILY_CC.values())
+    configs = {}
+    for n_rows in (32, 1 << 20):
+        for n_cols in (8, 64, 1024, 4096, SINGLE_PASS_MAX, 2 * SINGLE_PASS_MAX):
+            bucket = softmax_bucket(n_rows, n_cols)
+            configs[(is_online(bucket), fallback_config(bucket, "generic"))] = every
+    for targets, _, bucket, entry in tuning.shipped_buckets("softmax_laplace"):
+        key = (is_online(bucket), config_from_json(entry))
+        configs[key] = tuple(sorted(set(configs.get(key, ())) | set(targets)))
+    return configs
 
 
 def offline_builds():
@@ -102,12 +173,16 @@ def offline_builds():
     builds = []
     for dt in ("bf16", "fp32"):
         types = {"x_ptr": f"*{dt}", "out_ptr": "*fp32", **scalars}
-        for n_cols in (8, 64, 1024, 4096, SINGLE_PASS_MAX):
-            block_m, block_n, warps = row_tiles(1 << 20, n_cols)
-            builds.append(KernelBuild(f"softmax_rows_{dt}_N{block_n}", softmax_laplace_rows_kernel, types,
-                                      {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps))
-        builds.append(KernelBuild(f"softmax_online_{dt}", softmax_laplace_online_kernel, types,
-                                  {"BLOCK_N": ONLINE_BLOCK}, num_warps=ONLINE_WARPS))
+        for (online, c), targets in shipped_configs().items():
+            if online:
+                builds.append(KernelBuild(f"softmax_online_{dt}_N{c.block_n}_w{c.num_warps}",
+                                          softmax_laplace_online_kernel, types, {"BLOCK_N": c.block_n},
+                                          num_warps=c.num_warps, targets=targets))
+            else:
+                builds.append(KernelBuild(f"softmax_rows_{dt}_M{c.block_m}_N{c.block_n}_w{c.num_warps}",
+                                          softmax_laplace_rows_kernel, types,
+                                          {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+                                          num_warps=c.num_warps, targets=targets))
     return builds
 
 

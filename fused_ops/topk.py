@@ -6,11 +6,15 @@ The `topk_tile` helper is shared with the fused router.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import asdict, dataclass
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, tuning
 from ._runtime import pow2, row_tiles, rows, skips_dispatcher, use_triton
 
 TAKEN = tl.constexpr(-2147483648)     # int32 min: a column already picked, or padding
@@ -77,30 +81,83 @@ def topk_gating_kernel(p_ptr, w_ptr, i_ptr, n_rows, n_cols, stride_p, k, RENORMA
     tl.store(i_ptr + row64[:, None] * k + slot, indices, mask=out_mask)
 
 
-def launch_topk_gating(probs: torch.Tensor, k: int, renormalize: bool):
+# ---------------------------------------------------------------------------------------------
+# configs: the shipped JSON for this device (tuning.py), else the whole-row heuristic
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TopkConfig:
+    """One launch's blocks: BLOCK_M whole rows (BLOCK_E, the row width to a power of two) a program."""
+    block_m: int
+    num_warps: int
+
+
+def config_to_json(config: TopkConfig) -> dict:
+    return asdict(config)
+
+
+def config_from_json(entry: dict) -> TopkConfig:
+    return TopkConfig(**entry)
+
+
+@functools.lru_cache(maxsize=1024)
+def topk_bucket(n_rows: int, n_cols: int) -> str:
+    """Rows and columns to powers of two: the key a launch's config is stored under (cached: the
+    launch path is microseconds). k is not part of it: it changes the picks, not the tile."""
+    return f"M{pow2(n_rows)}_E{pow2(n_cols)}"
+
+
+def bucket_shape(bucket: str) -> tuple[int, int]:
+    """'M64_E128' -> (64, 128)."""
+    m, e = bucket.split("_")
+    return int(m[1:]), int(e[1:])
+
+
+def fallback_config(bucket: str, family: str) -> TopkConfig:
+    """The built-in config (the same on every family): about 2K values per program, 16 a thread."""
+    block_m, _, num_warps = row_tiles(*bucket_shape(bucket))
+    return TopkConfig(block_m, num_warps)
+
+
+def launch_topk_gating(probs: torch.Tensor, k: int, renormalize: bool, config: Optional[TopkConfig] = None):
     p = rows(probs)
     n_rows, n_cols = p.shape
     weights = torch.empty((n_rows, k), dtype=torch.float32, device=p.device)
     indices = torch.empty((n_rows, k), dtype=torch.int32, device=p.device)
     if n_rows > 0:
-        block_m, block_e, warps = row_tiles(n_rows, n_cols)
-        topk_gating_kernel[(triton.cdiv(n_rows, block_m),)](
+        if config is None:
+            config = tuning.config_for("topk_gating", topk_bucket(n_rows, n_cols), fallback_config, config_from_json)
+        topk_gating_kernel[(triton.cdiv(n_rows, config.block_m),)](
             p, weights, indices, n_rows, n_cols, p.stride(0), k, RENORMALIZE=renormalize,
-            BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=pow2(k), num_warps=warps)
+            BLOCK_M=config.block_m, BLOCK_E=pow2(n_cols), BLOCK_K=pow2(k), num_warps=config.num_warps)
     out_shape = (*probs.shape[:-1], k)
     return weights.reshape(out_shape), indices.reshape(out_shape)
 
 
+def shipped_configs() -> dict:
+    """Every (config, BLOCK_E) the launcher can choose -> compile targets: the fallback of each
+    width at a few and at many rows, and every shipped JSON entry (its file's family only)."""
+    every = tuple(tuning.FAMILY_CC.values())
+    configs = {}
+    for n_rows in (32, 1 << 20):
+        for n_cols in (8, 64, 128, 512, MAX_SINGLE_BLOCK):
+            configs[(fallback_config(topk_bucket(n_rows, n_cols), "generic"), pow2(n_cols))] = every
+    for targets, _, bucket, entry in tuning.shipped_buckets("topk_gating"):
+        key = (config_from_json(entry), bucket_shape(bucket)[1])
+        configs[key] = tuple(sorted(set(configs.get(key, ())) | set(targets)))
+    return configs
+
+
 def offline_builds():
+    """Each shipped config with 8 picks (FuseMoE's widest k), fewer where the row is narrower."""
     from .offline import KernelBuild
     types = {"p_ptr": "*fp32", "w_ptr": "*fp32", "i_ptr": "*i32", "n_rows": "i32", "n_cols": "i32",
              "stride_p": "i32", "k": "i32"}
     builds = []
-    for n_cols, k in ((8, 4), (64, 8), (512, 16), (MAX_SINGLE_BLOCK, 8)):
-        block_m, block_e, warps = row_tiles(1 << 20, n_cols)
-        builds.append(KernelBuild(f"topk_E{n_cols}_k{k}", topk_gating_kernel, types,
-                                  {"RENORMALIZE": True, "BLOCK_M": block_m, "BLOCK_E": block_e,
-                                   "BLOCK_K": pow2(k)}, num_warps=warps))
+    for (c, block_e), targets in shipped_configs().items():
+        block_k = min(8, block_e)
+        builds.append(KernelBuild(f"topk_E{block_e}_M{c.block_m}_w{c.num_warps}_k{block_k}", topk_gating_kernel, types,
+                                  {"RENORMALIZE": True, "BLOCK_M": c.block_m, "BLOCK_E": block_e, "BLOCK_K": block_k},
+                                  num_warps=c.num_warps, targets=targets))
     return builds
 
 

@@ -318,3 +318,112 @@ tuning.register(tuning.Tunable(
                                                           True, family),
     make_run=router_make_run, to_json=router.tiling_to_json, parse=router.tiling_from_json,
     shapes=[dict(M=M, **REFERENCE_ROUTER) for M in (32, 256, 2048, 8192)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax_laplace and topk_gating: whole rows per program (the rows kernels), or one row in chunks
+# (softmax's online kernel past SINGLE_PASS_MAX columns). Register-bound, no shared memory beyond
+# the reductions' few bytes, so `fits` bounds the values a thread holds and is the same on every
+# family. Default shapes: perf/bench_gating.py's.
+# ---------------------------------------------------------------------------------------------
+softmax = importlib.import_module("fused_ops.softmax")
+topk = importlib.import_module("fused_ops.topk")
+ROW_WARPS = (1, 2, 4, 8, 16, 32)
+ROWS_MAX_VALUES = 32          # a thread's row values in the rows kernel (the 32K fallback's figure)
+ONLINE_MAX_VALUES = 16        # per chunk in the online kernel, which keeps (max, sum, NaN) per lane too
+TOPK_MAX_VALUES = 16          # the top-k tile packs each value into an int64 key
+
+
+def _row_blocks(n_rows: int) -> list:
+    """Rows per program: powers of two up to 64 and no more than the bucket's rows."""
+    return [1 << i for i in range(7) if 1 << i <= pow2(n_rows)]
+
+
+def _values_per_thread(values: int, num_warps: int) -> float:
+    return values / (32 * num_warps)
+
+
+def softmax_shape_bucket(shape: dict) -> str:
+    return softmax.softmax_bucket(shape["M"], shape["N"])
+
+
+def softmax_space(family: str, shape: dict) -> list:
+    """The rows kernel: rows per program x warps at the row's width; the online kernel: chunk
+    widths x warps."""
+    bucket = softmax_shape_bucket(shape)
+    if softmax.is_online(bucket):
+        return [softmax.SoftmaxConfig(1, n, w) for n, w in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16))]
+    width = softmax.bucket_shape(bucket)[1]
+    return [softmax.SoftmaxConfig(m, width, w) for m, w in itertools.product(_row_blocks(shape["M"]), ROW_WARPS)]
+
+
+def softmax_fits(config, family: str, shape: dict) -> bool:
+    """At least one value a thread (no idle lanes), at most the kernel's budget."""
+    online = softmax.is_online(softmax_shape_bucket(shape))
+    values = _values_per_thread(config.block_m * config.block_n, config.num_warps)
+    return (4 if online else 1) <= values <= (ONLINE_MAX_VALUES if online else ROWS_MAX_VALUES)
+
+
+@functools.lru_cache(maxsize=1)
+def _softmax_inputs(M, N, dtype=torch.bfloat16):
+    return torch.randn(M, N, device="cuda", dtype=dtype, generator=_generator())
+
+
+def softmax_make_run(shape: dict, config):
+    x = _softmax_inputs(shape["M"], shape["N"])
+    call = (0.7, 0.01)
+
+    def run():
+        return softmax.launch_softmax_laplace(x, *call, config=config)
+
+    def check():
+        rows = slice(0, CHECK_ROWS)
+        return _rel_err(run()[rows], reference._softmax_laplace(x[rows].double(), *call))
+
+    return run, check
+
+
+tuning.register(tuning.Tunable(
+    name="softmax_laplace", space=softmax_space, fits=softmax_fits, bucket=softmax_shape_bucket,
+    fallback=lambda shape, family: softmax.fallback_config(softmax_shape_bucket(shape), family),
+    make_run=softmax_make_run, to_json=softmax.config_to_json, parse=softmax.config_from_json,
+    shapes=[dict(M=M, N=N) for M, N in ((32, 8), (32768, 8), (8192, 64), (4096, 4096), (8192, 32000),
+                                        (1024, 65536))]))
+
+
+def topk_shape_bucket(shape: dict) -> str:
+    return topk.topk_bucket(shape["M"], shape["E"])
+
+
+def topk_space(family: str, shape: dict) -> list:
+    return [topk.TopkConfig(m, w) for m, w in itertools.product(_row_blocks(shape["M"]), ROW_WARPS)]
+
+
+def topk_fits(config, family: str, shape: dict) -> bool:
+    values = _values_per_thread(config.block_m * pow2(shape["E"]), config.num_warps)
+    return 1 <= values <= TOPK_MAX_VALUES
+
+
+@functools.lru_cache(maxsize=1)
+def _topk_inputs(M, E):
+    return torch.randn(M, E, device="cuda", generator=_generator()).softmax(-1)
+
+
+def topk_make_run(shape: dict, config):
+    p = _topk_inputs(shape["M"], shape["E"])
+
+    def run():
+        return topk.launch_topk_gating(p, shape["k"], False, config=config)
+
+    def check():
+        rows = slice(0, CHECK_ROWS)
+        return _rel_err(run()[0][rows], reference._topk_gating(p[rows].double(), shape["k"], False)[0])
+
+    return run, check
+
+
+tuning.register(tuning.Tunable(
+    name="topk_gating", space=topk_space, fits=topk_fits, bucket=topk_shape_bucket,
+    fallback=lambda shape, family: topk.fallback_config(topk_shape_bucket(shape), family),
+    make_run=topk_make_run, to_json=topk.config_to_json, parse=topk.config_from_json,
+    shapes=[dict(M=M, E=E, k=k) for M, E, k in ((32, 8, 4), (8192, 8, 4), (8192, 64, 8), (65536, 128, 8))]))

@@ -30,6 +30,12 @@ def _floor(kernel: str, s: dict) -> tuple[float, float]:
         return moved, 2 * s["M"] * s["k"] * (s["K"] * s["H"] + s["H"] * s["N"])
     if kernel == "layernorm_linear":
         return (s["M"] * s["K"] + s["N"] * s["K"] + s["M"] * s["N"]) * 2, 2 * s["M"] * s["N"] * s["K"]
+    if kernel == "fused_router":                # read x and the gate, write k weights and indices
+        return (s["M"] * s["K"] + s["E"] * s["K"]) * 2 + s["M"] * s["k"] * 8, 2 * s["M"] * s["K"] * s["E"]
+    if kernel == "softmax_laplace":             # bf16 logits in, fp32 probabilities out
+        return s["M"] * s["N"] * (2 + 4), 0.0
+    if kernel == "topk_gating":                 # fp32 probabilities in, k weights and indices out
+        return s["M"] * s["E"] * 4 + s["M"] * s["k"] * 8, 0.0
     if kernel == "maxsim":
         tokens = s["Nd"] * (s["lo"] + s["hi"]) / 2
         return (tokens + s["Nq"] * s["Lq"]) * s["d"] * 2, 2 * s["Nq"] * s["Lq"] * tokens * s["d"]
@@ -52,7 +58,8 @@ def cases(quick: bool = False) -> list[Case]:
             else:
                 providers[f"fused_ops tuned ({source.split()[0]})"] = tunable.make_run(shape, tunable.parse(entry))[0]
             nbytes, flops = _floor(kernel, shape)
-            out.append(Case(f"tuned_{kernel}", {**shape, "bucket": bucket}, DTYPE, nbytes, flops, providers))
+            dtype = torch.float32 if kernel == "topk_gating" else DTYPE      # top-k reads fp32 probabilities
+            out.append(Case(f"tuned_{kernel}", {**shape, "bucket": bucket}, dtype, nbytes, flops, providers))
     return out
 
 

@@ -18,6 +18,8 @@ from fused_ops import moe, offline, tuning
 LN = importlib.import_module("fused_ops.layernorm_linear")
 MS = importlib.import_module("fused_ops.maxsim")
 ROUTER = importlib.import_module("fused_ops.router")
+SOFTMAX = importlib.import_module("fused_ops.softmax")
+TOPK = importlib.import_module("fused_ops.topk")
 
 BUILDS = offline.all_builds()
 CASES = [(b, cc) for b in BUILDS for cc in b.targets]
@@ -62,13 +64,24 @@ def _launches(kernel, entry, bucket) -> list:
         warps = cfg.pop("num_warps")
         cfg.pop("k_chunk")
         return [(ROUTER.fused_router_kernel, cfg, warps, None)]
+    if kernel == "softmax_laplace":
+        cfg = SOFTMAX.config_from_json(entry)
+        if SOFTMAX.is_online(bucket):
+            return [(SOFTMAX.softmax_laplace_online_kernel, dict(BLOCK_N=cfg.block_n), cfg.num_warps, None)]
+        return [(SOFTMAX.softmax_laplace_rows_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg.num_warps,
+                 None)]
+    if kernel == "topk_gating":
+        cfg = TOPK.config_from_json(entry)
+        block_e = TOPK.bucket_shape(bucket)[1]
+        return [(TOPK.topk_gating_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_E=block_e), cfg.num_warps, None)]
     tiling = MS.tiling_from_json(entry)
     dtype, dim = MS.bucket_family(bucket)
     return [(MS.maxsim_kernel, dict(DIM=dim, BLOCK_Q=tiling.block_q, BLOCK_D=tiling.block_d, TOPK=topk),
              tiling.num_warps, tiling.num_stages) for topk in (False, True)]
 
 
-SHIPPED = [(kernel, targets, stem, bucket, entry) for kernel in ("moe_experts", "layernorm_linear", "maxsim", "fused_router")
+SHIPPED = [(kernel, targets, stem, bucket, entry)
+           for kernel in ("moe_experts", "layernorm_linear", "maxsim", "fused_router", "softmax_laplace", "topk_gating")
            for targets, stem, bucket, entry in tuning.shipped_buckets(kernel)]
 
 

@@ -144,13 +144,15 @@ def test_logits_match_reference(dtype, gating, shape, E):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dot_tiles_feed_the_normalised_row_at_fp32_accuracy(dtype):
-    """The tl.dot tiles (32 rows here) take the normalised row as two 16-bit halves. Rounded once
-    to 16 bits it would put ~2^-9 (bf16) or ~2^-12 (fp16) of each product into the logits, a
-    relative error of ~1e-3 or ~1e-4 that reorders experts closer than that (seen at M = 8193);
-    the halves keep the logits near fp32's ~1e-6. Under the interpreter the halves are exact in
-    its fp32 dot, so this checks the split itself."""
-    x, g, b, w, wb = _inputs((pick(130, 8193), 1023), 8, dtype)
+@pytest.mark.parametrize("E", [8, 16])
+def test_dot_tiles_keep_the_logits_at_fp32_accuracy(dtype, E):
+    """16-bit operands with fp32-accurate products: E=8 takes the raw dot (raw x against W * gamma
+    as two 16-bit halves), E=16 the pivot path's tiles (the normalised row as two 16-bit halves).
+    One 16-bit operand rounded once would put ~2^-9 (bf16) or ~2^-12 (fp16) of each product into
+    the logits, a relative error of ~1e-3 or ~1e-4 that reorders experts closer than that (seen at
+    M = 8193); the halves keep the logits near fp32's ~1e-6. Under the interpreter the halves are
+    exact in its fp32 dot, so this checks the splits themselves."""
+    x, g, b, w, wb = _inputs((pick(130, 8193), 1023), E, dtype)
     logits = importlib.import_module("fused_ops.router").launch_router_logits(x, g, b, w, wb, 1e-5, "softmax")
     ref = reference.router_logits(x.double(), g.double(), b.double(), w.double(), wb.double(), 1e-5, "softmax")
     assert rel_err(logits, ref) < 2e-5
@@ -158,20 +160,41 @@ def test_dot_tiles_feed_the_normalised_row_at_fp32_accuracy(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gating", GATINGS)
-@pytest.mark.parametrize("M, K", [(1, 2000), (2, 1500)] + pick([], [(32, 8320), (16, 4097), (2048, 8320)]))
+@pytest.mark.parametrize("M, K", [(1, 2000), (2, 1500), (40, 1100)] + pick([], [(32, 8320), (16, 4097), (2048, 8320)]))
 def test_few_rows_split_k_and_the_last_slice_finishes(dtype, gating, M, K):
-    """Few rows split K over programs; the last slice of each row block to arrive adds the parts up.
+    """Few rows split K over programs (broadcast tiles; 40 rows: the raw dot, in two row blocks, with
+    slices that end inside a K step); the last slice of each row block to arrive adds the parts up.
     The counters it uses must be back at zero afterwards, and a repeat gives the same bits."""
     router = importlib.import_module("fused_ops.router")
     x, g, b, w, wb = _inputs((M, K), 8, dtype)
     cfg = router.pick_config(M, 8, K, x, router.raw_dot_ok(x, w))
-    if cfg["SPLITS"] == 1 and dtype == torch.float32 and M >= 1024:
-        pytest.skip("float32 at this many rows takes the tl.dot tiles, unsplit")
+    if cfg["SPLITS"] == 1 and dtype == torch.float32 and cfg["USE_DOT"]:
+        pytest.skip("float32 with enough rows for tl.dot tiles takes no K slices")
     assert cfg["SPLITS"] > 1                        # the shape reaches the split path
     first = _check(x, g, b, w, wb, dtype, k=3, renormalize=True, gating=gating)
     again = fused_ops.fused_router(x, g, b, w, wb, k=3, renormalize=True, gating=gating)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not router.split_counters(x.device, triton.cdiv(M, cfg["BLOCK_M"])).any()
+
+
+@pytest.mark.parametrize("M", [20, 70])
+def test_every_shipped_tuned_tiling_matches_the_reference(M):
+    """The tuned entries in fused_ops/configs run only on their GPUs; here each one runs at a small
+    K under the interpreter, with both gatings."""
+    router = importlib.import_module("fused_ops.router")
+    tuning = importlib.import_module("fused_ops.tuning")
+    entries = tuning.shipped_entries("fused_router")
+    assert entries
+    x, g, b, w, wb = _inputs((M, 1100), 8, torch.bfloat16)
+    for _, label, entry in entries:
+        config = router.make_config(8, 1100, router.tiling_from_json(entry))
+        for gating in GATINGS:
+            weights, indices = router.launch_fused_router(x, g, b, w, wb, 3, 1.0, 0.01, 1e-5, False, gating,
+                                                          config=config)
+            rw, ri = reference.fused_router(x.double(), g.double(), b.double(), w.double(), wb.double(), k=3,
+                                            alpha=0.01, gating=gating)
+            assert rel_err(weights, rw) < TOLERANCE[torch.bfloat16], label
+            assert_topk_match(indices, rw, ri, rtol=TOLERANCE[torch.bfloat16])
 
 
 def test_cached_gate_sums_follow_in_place_updates():

@@ -295,3 +295,171 @@ def test_tuner_skips_failures_and_rejects_wrong_winners(tmp_path, monkeypatch):
     log = [json.loads(line) for line in open(path[: -len(".json")] + ".tune-log.jsonl")]
     assert any("OutOfResources" in r.get("error", "") for r in log)
     assert any("wrong result" in r.get("error", "") for r in log)
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax_laplace and topk_gating (whole rows per program; softmax's online kernel past 32K)
+# ---------------------------------------------------------------------------------------------
+SOFTMAX = importlib.import_module("fused_ops.softmax")
+TOPK = importlib.import_module("fused_ops.topk")
+
+# what _runtime.row_tiles gave the launchers before their configs went through tuning.py:
+# (rows, columns) -> (BLOCK_M, BLOCK_N, num_warps)
+OLD_ROW_TILES = {(1, 8): (1, 8, 1), (32, 8): (32, 8, 1), (32768, 8): (64, 8, 1), (3, 50): (4, 64, 1),
+                 (8192, 64): (32, 64, 4), (100, 1000): (2, 1024, 4), (4096, 4096): (1, 4096, 8),
+                 (7, 5000): (1, 8192, 16), (8192, 32000): (1, 32768, 32), (2, 32768): (1, 32768, 32), (1, 1): (1, 1, 1),
+                 (65536, 128): (16, 128, 4), (5, 8192): (1, 8192, 16)}
+
+
+@pytest.mark.parametrize("shape", OLD_ROW_TILES)
+def test_row_kernel_fallbacks_are_the_old_heuristic(shape):
+    block_m, block_n, warps = OLD_ROW_TILES[shape]
+    M, N = shape
+    for family in FAMILIES:
+        expected = SOFTMAX.SoftmaxConfig(block_m, block_n, warps)
+        assert SOFTMAX.fallback_config(SOFTMAX.softmax_bucket(M, N), family) == expected
+        assert tuning.TUNABLES["softmax_laplace"].fallback(dict(M=M, N=N), family) == expected
+        expected = TOPK.TopkConfig(block_m, warps)
+        assert TOPK.fallback_config(TOPK.topk_bucket(M, N), family) == expected
+        assert tuning.TUNABLES["topk_gating"].fallback(dict(M=M, E=N, k=1), family) == expected
+
+
+def test_softmax_online_fallback_is_the_old_chunking():
+    for M, N in ((1, 32769), (3, 40000), (1024, 65536), (7, 1 << 20)):
+        assert SOFTMAX.fallback_config(SOFTMAX.softmax_bucket(M, N), "sm_90") == SOFTMAX.SoftmaxConfig(1, 4096, 8)
+
+
+def test_row_kernel_buckets():
+    assert [SOFTMAX.softmax_bucket(M, N) for M, N in ((1, 1), (40, 100), (8192, 32000), (1025, 65536))] \
+        == ["M1_N1", "M64_N128", "M8192_N32768", "M2048_N65536"]
+    assert [TOPK.topk_bucket(M, E) for M, E in ((3, 8), (40, 10), (65536, 128))] == ["M4_E8", "M64_E16", "M65536_E128"]
+    assert SOFTMAX.is_online("M1_N65536") and not SOFTMAX.is_online("M1_N32768")
+    assert SOFTMAX.bucket_shape("M64_N128") == TOPK.bucket_shape("M64_E128") == (64, 128)
+
+
+# kernel -> (a bucket, an entry for it that is not its fallback, fallback, parse, to_json)
+ROW_KERNELS = {
+    "softmax_laplace": ("M64_N128", SOFTMAX.SoftmaxConfig(4, 128, 2), SOFTMAX.fallback_config,
+                        SOFTMAX.config_from_json, SOFTMAX.config_to_json),
+    "topk_gating": ("M64_E16", TOPK.TopkConfig(4, 1), TOPK.fallback_config, TOPK.config_from_json,
+                    TOPK.config_to_json),
+}
+
+
+@pytest.mark.parametrize("kernel", ROW_KERNELS)
+def test_row_kernels_resolve_device_then_family_then_fallback(config_dir, monkeypatch, kernel):
+    bucket, entry, fallback, parse, to_json = ROW_KERNELS[kernel]
+    resolve = lambda b: tuning._resolve(kernel, b, "GPU X", "sm_90", fallback, parse)  # noqa: E731
+    assert resolve(bucket) == fallback(bucket, "sm_90") != entry
+    _write(config_dir, "sm_90", "sm_90", kernel, bucket, to_json(entry))
+    assert resolve(bucket) == entry
+    other = bucket.replace("M64", "M128")
+    assert resolve(other) == fallback(other, "sm_90")                   # per bucket
+    device_entry = type(entry)(**{**to_json(entry), "num_warps": 4})
+    _write(config_dir, tuning.device_key("GPU X"), "sm_90", kernel, bucket, to_json(device_entry))
+    assert resolve(bucket) == device_entry                               # the device's file first
+    monkeypatch.setenv("FUSED_OPS_FALLBACK_CONFIGS", "1")
+    tuning.clear_caches()
+    assert resolve(bucket) == fallback(bucket, "sm_90")
+
+
+def _launched(call: dict, *names) -> tuple:
+    return tuple(call[n] for n in names)
+
+
+def test_softmax_launch_honours_a_json_entry(config_dir, monkeypatch):
+    import fused_ops
+    _, family = tuning.current_device()
+    entries = {"M64_N128": SOFTMAX.SoftmaxConfig(4, 128, 2), "M2_N65536": SOFTMAX.SoftmaxConfig(1, 2048, 4)}
+    for bucket, config in entries.items():
+        _write(config_dir, family, family, "softmax_laplace", bucket, SOFTMAX.config_to_json(config))
+    rows_log = _LaunchLog(monkeypatch, SOFTMAX, "softmax_laplace_rows_kernel")
+    online_log = _LaunchLog(monkeypatch, SOFTMAX, "softmax_laplace_online_kernel")
+    for shape in ((40, 100), (5, 7, 100)):                                # 35 rows: the same bucket
+        x = rand(*shape, dtype=torch.bfloat16)
+        out = fused_ops.softmax_laplace(x, temperature=0.7, alpha=0.01)
+        assert _launched(rows_log.calls[-1], "BLOCK_M", "BLOCK_N", "num_warps") == (4, 128, 2)
+        assert_close(out, reference.softmax_laplace(x.double(), temperature=0.7, alpha=0.01), torch.bfloat16)
+    x = rand(2, 40000)
+    out = fused_ops.softmax_laplace(x, temperature=0.7, alpha=0.01)
+    assert _launched(online_log.calls[-1], "BLOCK_N", "num_warps") == (2048, 4)
+    assert_close(out, reference.softmax_laplace(x.double(), temperature=0.7, alpha=0.01), torch.float32)
+    fused_ops.softmax_laplace(rand(70, 100))                              # M128_N128: no entry
+    assert _launched(rows_log.calls[-1], "BLOCK_M", "BLOCK_N", "num_warps") == (16, 128, 4)
+    monkeypatch.setenv("FUSED_OPS_FALLBACK_CONFIGS", "1")
+    tuning.clear_caches()
+    fused_ops.softmax_laplace(rand(40, 100))
+    assert _launched(rows_log.calls[-1], "BLOCK_M", "BLOCK_N", "num_warps") == (16, 128, 4)
+
+
+def test_topk_launch_honours_a_json_entry(config_dir, monkeypatch):
+    import fused_ops
+    _, family = tuning.current_device()
+    _write(config_dir, family, family, "topk_gating", "M64_E16", TOPK.config_to_json(TOPK.TopkConfig(4, 1)))
+    log = _LaunchLog(monkeypatch, TOPK, "topk_gating_kernel")
+    p = reference.softmax_laplace(rand(40, 10))
+    w, i = fused_ops.topk_gating(p, 3, renormalize=True)
+    assert _launched(log.calls[-1], "BLOCK_M", "BLOCK_E", "BLOCK_K", "num_warps") == (4, 16, 4, 1)
+    w_ref, i_ref = reference.topk_gating(p.double(), 3, renormalize=True)
+    assert_close(w, w_ref, torch.float32)
+    assert torch.equal(i.cpu(), i_ref.cpu())
+    monkeypatch.setenv("FUSED_OPS_FALLBACK_CONFIGS", "1")
+    tuning.clear_caches()
+    fused_ops.topk_gating(p, 3)
+    assert _launched(log.calls[-1], "BLOCK_M", "num_warps") == (64, 2)
+
+
+def test_forced_row_kernel_configs_from_the_space_match_the_reference(monkeypatch):
+    """Every candidate of a small bucket, and two online chunkings, against the reference."""
+    rows_log = _LaunchLog(monkeypatch, SOFTMAX, "softmax_laplace_rows_kernel")
+    online_log = _LaunchLog(monkeypatch, SOFTMAX, "softmax_laplace_online_kernel")
+    topk_log = _LaunchLog(monkeypatch, TOPK, "topk_gating_kernel")
+    for shape, dtype, log in (((40, 100), torch.bfloat16, rows_log), ((3, 33000), torch.float16, online_log)):
+        M, N = shape
+        t = tuning.TUNABLES["softmax_laplace"]
+        space = [c for c in t.space("sm_90", dict(M=M, N=N)) if t.fits(c, "sm_90", dict(M=M, N=N))]
+        fallback = t.fallback(dict(M=M, N=N), "sm_90")
+        forced = [c for c in space if c != fallback]
+        forced = forced if M * N < 10000 else [forced[0], forced[-1]]    # the interpreter is slow on wide rows
+        x = rand(M, N, dtype=dtype)
+        ref = reference.softmax_laplace(x.double(), temperature=0.7, alpha=0.01)
+        for config in forced:
+            assert_close(SOFTMAX.launch_softmax_laplace(x, 0.7, 0.01, config=config), ref, dtype)
+            assert _launched(log.calls[-1], "BLOCK_N", "num_warps") == (config.block_n, config.num_warps)
+    t = tuning.TUNABLES["topk_gating"]
+    shape = dict(M=40, E=10, k=3)
+    p = reference.softmax_laplace(rand(40, 10))
+    w_ref, i_ref = reference.topk_gating(p.double(), 3)
+    for config in t.space("sm_90", shape):
+        if t.fits(config, "sm_90", shape) and config != t.fallback(shape, "sm_90"):
+            w, i = TOPK.launch_topk_gating(p, 3, False, config=config)
+            assert _launched(topk_log.calls[-1], "BLOCK_M", "num_warps") == (config.block_m, config.num_warps)
+            assert_close(w, w_ref, torch.float32)
+            assert torch.equal(i.cpu(), i_ref.cpu())
+    with pytest.raises(ValueError, match="narrower"):
+        SOFTMAX.launch_softmax_laplace(rand(2, 100), 1.0, 0.0, config=SOFTMAX.SoftmaxConfig(1, 64, 1))
+
+
+def test_shipped_row_kernel_entries_become_offline_builds(config_dir, monkeypatch):
+    """A shipped entry is built for its file's family only; the fallbacks for every target."""
+    monkeypatch.setattr(tuning, "CONFIG_DIR", str(config_dir))
+    _write(config_dir, "sm_120", "sm_120", "softmax_laplace", "M64_N128",
+           SOFTMAX.config_to_json(SOFTMAX.SoftmaxConfig(4, 128, 2)))
+    _write(config_dir, "sm_120", "sm_120", "topk_gating", "M64_E16", TOPK.config_to_json(TOPK.TopkConfig(4, 1)))
+    assert SOFTMAX.shipped_configs()[(False, SOFTMAX.SoftmaxConfig(4, 128, 2))] == (120,)
+    assert SOFTMAX.shipped_configs()[(True, SOFTMAX.SoftmaxConfig(1, 4096, 8))] == (90, 100, 120)
+    assert TOPK.shipped_configs()[(TOPK.TopkConfig(4, 1), 16)] == (120,)
+    names = {b.name: b.targets for b in SOFTMAX.offline_builds() + TOPK.offline_builds()}
+    assert names["softmax_rows_bf16_M4_N128_w2"] == names["topk_E16_M4_w1_k8"] == (120,)
+
+
+def test_configs_report_lists_the_row_kernels(monkeypatch, capsys):
+    from fused_ops.__main__ import main
+    monkeypatch.delenv("FUSED_OPS_CONFIG_DIR", raising=False)
+    monkeypatch.delenv("FUSED_OPS_FALLBACK_CONFIGS", raising=False)
+    main(["configs", "--device", "NVIDIA H200"])
+    lines = capsys.readouterr().out.splitlines()
+    for kernel, bucket in (("softmax_laplace", "M1024_N65536"), ("topk_gating", "M65536_E128")):
+        at = next(i for i, line in enumerate(lines) if line.startswith(kernel) and bucket in line)
+        assert "built-in fallback (no JSON entry)" in lines[at]
+    assert "{'block_m': 1, 'block_n': 4096, 'num_warps': 8}" in "\n".join(lines)
