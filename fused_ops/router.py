@@ -371,7 +371,8 @@ def router_bucket(M: int) -> str:
 
 
 def raw_dot_stage_bytes(E: int, block_m: int, block_k: int) -> int:
-    """Shared memory of one pipelined K step of the raw dot (16-bit x and W' halves tiles)."""
+    """Shared memory of one pipelined K step of the raw dot (16-bit x and W' halves tiles); a
+    pipeline of S stages holds S - 1 of them (offline compile)."""
     return (block_m + 2 * raw_dot_block_e(E)) * block_k * 2
 
 
@@ -404,15 +405,21 @@ def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: b
     38.5 us = 81% of the x-read floor; the distance gate 52 us, and 212 us in 32-row blocks).
     Fewer rows: 1-2 rows per program, a broadcast product and K split into ~2 programs per SM
     (sweep 1, M=32: 8 slices, 7.2 us against 9.9 unsplit; 2048-wide steps beat 512 and 1024).
-    sm_100 and sm_120 (offline compile only): 64-row blocks spill a few bytes there (with K slices,
-    and unsplit on sm_120 under triton 3.9), 32-row blocks do not; on the H200 32-row blocks are far
-    slower for the distance gate, so run the tuner on those cards.
+    sm_100 and sm_120 (offline compile only, no timing): the same blocks at 5 stages (81920 bytes of
+    shared memory on sm_120), the one depth that compiled without spills for every slice count tried
+    under triton 3.6 and 3.9 (ptxas spills a few bytes at 3-4 stages in some builds); run the tuner
+    on those cards.
     float32 keeps the pivot path's tl.dot tiles. Wider gates: rows_config's blocks."""
     if raw_dot and M >= RAW_DOT_ROWS_PER_SM * n_sm:
-        block_m, block_k = (64 if family == "sm_90" else 32), 128
+        block_m, block_k = 64, 128
         splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
-        room = tuning.SHARED_LIMIT[family] - SHARED_HEADROOM
-        stages = max(2, min(6, room // raw_dot_stage_bytes(E, block_m, block_k)))
+        if family == "sm_90":
+            stages = 6
+        elif family in ("sm_100", "sm_120"):
+            stages = 5                             # 3-4 stages spill a few bytes on some builds there
+        else:
+            room = tuning.SHARED_LIMIT[family] - SHARED_HEADROOM
+            stages = max(2, min(6, room // raw_dot_stage_bytes(E, block_m, block_k) + 1))
         return RouterTiling(True, block_m, block_k, 8, stages, splits)
     if not raw_dot and M >= 8 * n_sm:            # float32: the pivot path's tl.dot tiles
         return RouterTiling(False, min(32, max(16, prev_pow2(M // n_sm))), 128 // itemsize, 4, 3, 1)

@@ -283,7 +283,7 @@ def router_space(family: str, shape: dict) -> list:
 
 def router_fits(tiling, family: str, shape: dict) -> bool:
     if tiling.raw_dot:
-        return (tiling.num_stages * router.raw_dot_stage_bytes(shape["E"], tiling.block_m, tiling.block_k)
+        return ((tiling.num_stages - 1) * router.raw_dot_stage_bytes(shape["E"], tiling.block_m, tiling.block_k)
                 <= tuning.SHARED_LIMIT[family] - router.SHARED_HEADROOM)
     # the broadcast product [BLOCK_M, E, BLOCK_K] in fp32 (32K values spill under triton 3.6)
     return tiling.block_m * pow2(shape["E"]) * tiling.block_k <= 16384
