@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -315,10 +315,6 @@ def tuning_bucket(n_queries: int, q_tokens: int, dim: int, dtype: torch.dtype) -
     float32) and the call's query rows rounded up to a power of two."""
     kind = "fp32" if dtype == torch.float32 else f"d{_family(dtype, dim)[0]}"
     return f"{kind}_rows{pow2(n_queries * q_tokens)}"
-
-
-def tiling_to_json(tiling: Tiling) -> dict:
-    return asdict(tiling)
 
 
 def tiling_from_json(entry: dict) -> Tiling:

@@ -26,7 +26,7 @@ never an out-of-bounds read). The CPU reference path raises ValueError instead.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -261,10 +261,6 @@ def fallback_config(bucket: str, family: str) -> MoeConfig:
     for limit, config in config_table(family):
         if limit is None or per_expert <= limit:
             return config
-
-
-def config_to_json(config: MoeConfig) -> dict:
-    return asdict(config)
 
 
 def config_from_json(entry: dict) -> MoeConfig:

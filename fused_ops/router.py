@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -55,7 +55,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference, tuning
 from ._runtime import dot_precision, dot_upcast, pow2, rows, skips_dispatcher, sm_count, use_triton
-from .layernorm_linear import (TILE_BUDGET, contiguous_vector, divisible_args, dot_nt, ln_dot_sums, ln_project,
+from .layernorm_linear import (contiguous_vector, divisible_args, dot_nt, ln_dot_sums, ln_project,
                                ln_stats, load_affine, load_k, prev_pow2, row_pivot, row_starts, rows_config,
                                same_stamp, store_tile, version_stamp)
 from .softmax import LOG2E, _laplace, _softmax_laplace_op
@@ -361,13 +361,9 @@ def tiling_from_json(entry: dict) -> RouterTiling:
     return RouterTiling(**entry)
 
 
-def tiling_to_json(tiling: RouterTiling) -> dict:
-    return asdict(tiling)
-
-
 def router_bucket(M: int) -> str:
     """The JSON key of a row count (powers of two: a new batch size does not retune)."""
-    return f"M{pow2(M)}"
+    return tuning.pow2_bucket(M=M)
 
 
 def raw_dot_stage_bytes(E: int, block_m: int, block_k: int) -> int:
@@ -439,8 +435,10 @@ def _kernel_config(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: bo
     return make_config(E, K, fallback_tiling(M, E, K, n_sm, itemsize, raw_dot, family))
 
 
+@functools.lru_cache(maxsize=None)
 def device_family(device: torch.device) -> str:
-    """tuning's family name of a tensor's device ("generic" for the interpreter's CPU tensors)."""
+    """tuning's family name of a tensor's device ("generic" for the interpreter's CPU tensors);
+    cached: the launch path asks on every call."""
     if device.type != "cuda":
         return "generic"
     return tuning.family_of(*torch.cuda.get_device_capability(device))

@@ -6,8 +6,7 @@ online max/sum pass and a write pass (two reads, one write).
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference, tuning
-from ._runtime import pow2, row_tiles, rows, skips_dispatcher, use_triton
+from ._runtime import row_tiles, rows, skips_dispatcher, use_triton
 
 LOG2E = 1.4426950408889634
 SINGLE_PASS_MAX = 32768     # widest row kept whole in registers (32 warps x 32 lanes x 32 values)
@@ -92,19 +91,13 @@ class SoftmaxConfig:
     num_warps: int
 
 
-def config_to_json(config: SoftmaxConfig) -> dict:
-    return asdict(config)
-
-
 def config_from_json(entry: dict) -> SoftmaxConfig:
     return SoftmaxConfig(**entry)
 
 
-@functools.lru_cache(maxsize=1024)
 def softmax_bucket(n_rows: int, n_cols: int) -> str:
-    """Rows and columns to powers of two: the key a launch's config is stored under (cached: the
-    launch path is microseconds)."""
-    return f"M{pow2(n_rows)}_N{pow2(n_cols)}"
+    """Rows and columns to powers of two: the key a launch's config is stored under."""
+    return tuning.pow2_bucket(M=n_rows, N=n_cols)
 
 
 def bucket_shape(bucket: str) -> tuple[int, int]:

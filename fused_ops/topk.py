@@ -6,8 +6,7 @@ The `topk_tile` helper is shared with the fused router.
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -91,19 +90,14 @@ class TopkConfig:
     num_warps: int
 
 
-def config_to_json(config: TopkConfig) -> dict:
-    return asdict(config)
-
-
 def config_from_json(entry: dict) -> TopkConfig:
     return TopkConfig(**entry)
 
 
-@functools.lru_cache(maxsize=1024)
 def topk_bucket(n_rows: int, n_cols: int) -> str:
-    """Rows and columns to powers of two: the key a launch's config is stored under (cached: the
-    launch path is microseconds). k is not part of it: it changes the picks, not the tile."""
-    return f"M{pow2(n_rows)}_E{pow2(n_cols)}"
+    """Rows and columns to powers of two: the key a launch's config is stored under (k is not part
+    of it: it changes the picks, not the tile)."""
+    return tuning.pow2_bucket(M=n_rows, E=n_cols)
 
 
 def bucket_shape(bucket: str) -> tuple[int, int]:

@@ -115,7 +115,7 @@ def moe_make_run(shape: dict, config):
 tuning.register(tuning.Tunable(
     name="moe_experts", space=moe_space, fits=moe_fits, bucket=moe_bucket,
     fallback=lambda shape, family: moe.fallback_config(moe_bucket(shape), family),
-    make_run=moe_make_run, to_json=moe.config_to_json, parse=moe.config_from_json,
+    make_run=moe_make_run, parse=moe.config_from_json,
     shapes=[dict(M=M, **REFERENCE_MOE) for M in (1, 32, 256, 2048, 8192)]))
 
 
@@ -179,7 +179,7 @@ def ln_make_run(shape: dict, config):
 tuning.register(tuning.Tunable(
     name="layernorm_linear", space=ln_space, fits=ln_fits, bucket=ln_bucket,
     fallback=lambda shape, family: ln.gemm_fallback(ln_bucket(shape), family),
-    make_run=ln_make_run, to_json=ln.gemm_to_json, parse=ln.gemm_from_json,
+    make_run=ln_make_run, parse=ln.gemm_from_json,
     shapes=[dict(M=M, **REFERENCE_LN) for M in (256, 2048, 8192)]))
 
 
@@ -244,7 +244,7 @@ tuning.register(tuning.Tunable(
     name="maxsim", space=maxsim_space, fits=maxsim_fits, bucket=maxsim_bucket,
     fallback=lambda shape, family: maxsim.heuristic_tiling(shape["Nq"], shape["Lq"], shape["d"], MAXSIM_DTYPE,
                                                            tuning.SHARED_LIMIT[family]),
-    make_run=maxsim_make_run, to_json=maxsim.tiling_to_json, parse=maxsim.tiling_from_json,
+    make_run=maxsim_make_run, parse=maxsim.tiling_from_json,
     shapes=MAXSIM_SHAPES))
 
 
@@ -316,7 +316,7 @@ tuning.register(tuning.Tunable(
     name="fused_router", space=router_space, fits=router_fits, bucket=router_bucket,
     fallback=lambda shape, family: router.fallback_tiling(shape["M"], shape["E"], shape["K"], _family_sms(family), 2,
                                                           True, family),
-    make_run=router_make_run, to_json=router.tiling_to_json, parse=router.tiling_from_json,
+    make_run=router_make_run, parse=router.tiling_from_json,
     shapes=[dict(M=M, **REFERENCE_ROUTER) for M in (32, 256, 2048, 8192)]))
 
 
@@ -386,7 +386,7 @@ def softmax_make_run(shape: dict, config):
 tuning.register(tuning.Tunable(
     name="softmax_laplace", space=softmax_space, fits=softmax_fits, bucket=softmax_shape_bucket,
     fallback=lambda shape, family: softmax.fallback_config(softmax_shape_bucket(shape), family),
-    make_run=softmax_make_run, to_json=softmax.config_to_json, parse=softmax.config_from_json,
+    make_run=softmax_make_run, parse=softmax.config_from_json,
     shapes=[dict(M=M, N=N) for M, N in ((32, 8), (32768, 8), (8192, 64), (4096, 4096), (8192, 32000),
                                         (1024, 65536))]))
 
@@ -425,5 +425,5 @@ def topk_make_run(shape: dict, config):
 tuning.register(tuning.Tunable(
     name="topk_gating", space=topk_space, fits=topk_fits, bucket=topk_shape_bucket,
     fallback=lambda shape, family: topk.fallback_config(topk_shape_bucket(shape), family),
-    make_run=topk_make_run, to_json=topk.config_to_json, parse=topk.config_from_json,
+    make_run=topk_make_run, parse=topk.config_from_json,
     shapes=[dict(M=M, E=E, k=k) for M, E, k in ((32, 8, 4), (8192, 8, 4), (8192, 64, 8), (65536, 128, 8))]))

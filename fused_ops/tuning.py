@@ -8,10 +8,11 @@ or through `config_for` where the fallback depends on the bucket alone; without 
 its built-in fallback.
 
 Adding a kernel: in the kernel's module, a frozen config dataclass, a bucket function, the
-fallback, `to_json` / `from_json`, and a launcher that takes `config=` and otherwise asks
-`config_for` (or `tuned_config`); in tunables.py, its space, `fits`, `make_run` and
-`register(Tunable(...))`; in the module's `offline_builds()`, its fallbacks and every entry of
-`shipped_entries(name)`, so the offline test compiles each shipped entry for its family.
+fallback, a `from_json` parser (the JSON entry is the dataclass's asdict), and a launcher that
+takes `config=` and otherwise asks `config_for` (or `tuned_config`); in tunables.py, its space,
+`fits`, `make_run` and `register(Tunable(...))`; in the module's `offline_builds()`, its
+fallbacks and every entry of `shipped_entries(name)`, so the offline test compiles each shipped
+entry for its family.
 
 Environment:
   FUSED_OPS_FALLBACK_CONFIGS=1   ignore every JSON: built-in fallback configs only (no tuning)
@@ -23,7 +24,7 @@ import functools
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -46,6 +47,13 @@ def device_key(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.strip())
 
 
+@functools.lru_cache(maxsize=4096)
+def pow2_bucket(**dims: int) -> str:
+    """The JSON key of a shape: each size rounded up to a power of two, so a new batch size does not
+    retune (M=100, N=40 -> "M128_N64"). Cached: launchers ask on every call."""
+    return "_".join(f"{name}{1 << max(0, size - 1).bit_length()}" for name, size in dims.items())
+
+
 @dataclass
 class Tunable:
     """A kernel (or kernel pipeline) whose launch config can be tuned.
@@ -57,7 +65,7 @@ class Tunable:
                                  JSON entry matches (the tuner's baseline)
     make_run(shape, config)      -> (run, check): run() launches once on CUDA; check() returns the
                                  relative error of that config's output against the reference
-    to_json / parse              config object <-> JSON entry
+    parse / to_json              JSON entry <-> config object (to_json: dataclasses.asdict unless given)
     shapes                       default tuning shapes (dicts of ints)
     """
     name: str
@@ -66,9 +74,9 @@ class Tunable:
     bucket: Callable[[dict], str]
     fallback: Callable[[dict, str], object]
     make_run: Callable
-    to_json: Callable[[object], dict]
     parse: Callable[[dict], object]
     shapes: list = field(default_factory=list)
+    to_json: Callable[[object], dict] = asdict
     tolerance: float = 1e-2
 
 

@@ -4,6 +4,7 @@ and the tuner's handling of failing candidates (the tuner's timing needs a GPU, 
 replaced by a deterministic stand-in)."""
 import importlib
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -43,17 +44,17 @@ def _write(folder, stem, family, kernel, bucket, entry):
 
 
 def _moe_entry(block_m):
-    return moe.config_to_json(moe.MoeConfig(block_m, moe.GemmConfig(64, 64, 1, 4, 3), moe.GemmConfig(64, 64, 1, 4, 3)))
+    return asdict(moe.MoeConfig(block_m, moe.GemmConfig(64, 64, 1, 4, 3), moe.GemmConfig(64, 64, 1, 4, 3)))
 
 
 # kernel -> (a bucket, two distinct entries for it, the bucket's fallback on sm_90, parse)
 KERNELS = {
     "moe_experts": ("pairs16", _moe_entry(64), _moe_entry(128), moe.fallback_config("pairs16", "sm_90"),
                     moe.config_from_json),
-    "layernorm_linear": ("M256", LN.gemm_to_json(LN.GemmConfig(64, 128, 32, 8, 4, 5)),
-                         LN.gemm_to_json(LN.GemmConfig(128, 64, 64, 4, 8, 3)), LN.gemm_fallback("M256", "sm_90"),
+    "layernorm_linear": ("M256", asdict(LN.GemmConfig(64, 128, 32, 8, 4, 5)),
+                         asdict(LN.GemmConfig(128, 64, 64, 4, 8, 3)), LN.gemm_fallback("M256", "sm_90"),
                          LN.gemm_from_json),
-    "maxsim": ("d128_rows512", MS.tiling_to_json(MS.Tiling(128, 32, 8, 4)), MS.tiling_to_json(MS.Tiling(64, 128, 4, 2)),
+    "maxsim": ("d128_rows512", asdict(MS.Tiling(128, 32, 8, 4)), asdict(MS.Tiling(64, 128, 4, 2)),
                MS.heuristic_tiling(16, 32, 128, torch.bfloat16, tuning.SHARED_LIMIT["sm_90"]), MS.tiling_from_json),
 }
 
@@ -186,7 +187,7 @@ def test_layernorm_linear_launch_honours_a_json_entry(config_dir, monkeypatch):
     import fused_ops
     name, family = tuning.current_device()
     forced = LN.GemmConfig(32, 64, 32, 2, 4, 2)
-    _write(config_dir, family, family, "layernorm_linear", "M64", LN.gemm_to_json(forced))
+    _write(config_dir, family, family, "layernorm_linear", "M64", asdict(forced))
     log = _LaunchLog(monkeypatch, LN, "layernorm_linear_folded_gemm_kernel")
     x, g, b, w, bias = _ln_inputs(40, 200, 520, torch.bfloat16)
     y = fused_ops.layernorm_linear(x, g, b, w, bias)
@@ -202,7 +203,7 @@ def test_layernorm_linear_launch_honours_a_json_entry(config_dir, monkeypatch):
 def test_maxsim_launch_honours_a_json_entry(config_dir, monkeypatch):
     import fused_ops
     name, family = tuning.current_device()
-    _write(config_dir, family, family, "maxsim", "d128_rows8", MS.tiling_to_json(MS.Tiling(16, 16, 4, 2)))
+    _write(config_dir, family, family, "maxsim", "d128_rows8", asdict(MS.Tiling(16, 16, 4, 2)))
     log = _LaunchLog(monkeypatch, MS, "maxsim_kernel")
     Q, D = rand(2, 3, 16, dtype=torch.bfloat16), rand(5, 40, 16, dtype=torch.bfloat16)
     d_lengths = torch.tensor([40, 0, 17, 1, 33], device=DEVICE)
@@ -259,7 +260,7 @@ def test_forced_maxsim_tilings_from_the_space_match_the_reference(monkeypatch):
 
 def test_configs_report_names_the_json_or_the_fallback(config_dir, capsys):
     from fused_ops.__main__ import main
-    _write(config_dir, "sm_100", "sm_100", "maxsim", "d128_rows512", MS.tiling_to_json(MS.Tiling(128, 32, 8, 4)))
+    _write(config_dir, "sm_100", "sm_100", "maxsim", "d128_rows512", asdict(MS.Tiling(128, 32, 8, 4)))
     main(["configs", "--device", "NVIDIA B200"])
     out = capsys.readouterr().out
     assert "family sm_100" in out
@@ -340,9 +341,9 @@ def test_row_kernel_buckets():
 # kernel -> (a bucket, an entry for it that is not its fallback, fallback, parse, to_json)
 ROW_KERNELS = {
     "softmax_laplace": ("M64_N128", SOFTMAX.SoftmaxConfig(4, 128, 2), SOFTMAX.fallback_config,
-                        SOFTMAX.config_from_json, SOFTMAX.config_to_json),
+                        SOFTMAX.config_from_json, asdict),
     "topk_gating": ("M64_E16", TOPK.TopkConfig(4, 1), TOPK.fallback_config, TOPK.config_from_json,
-                    TOPK.config_to_json),
+                    asdict),
 }
 
 
@@ -372,7 +373,7 @@ def test_softmax_launch_honours_a_json_entry(config_dir, monkeypatch):
     _, family = tuning.current_device()
     entries = {"M64_N128": SOFTMAX.SoftmaxConfig(4, 128, 2), "M2_N65536": SOFTMAX.SoftmaxConfig(1, 2048, 4)}
     for bucket, config in entries.items():
-        _write(config_dir, family, family, "softmax_laplace", bucket, SOFTMAX.config_to_json(config))
+        _write(config_dir, family, family, "softmax_laplace", bucket, asdict(config))
     rows_log = _LaunchLog(monkeypatch, SOFTMAX, "softmax_laplace_rows_kernel")
     online_log = _LaunchLog(monkeypatch, SOFTMAX, "softmax_laplace_online_kernel")
     for shape in ((40, 100), (5, 7, 100)):                                # 35 rows: the same bucket
@@ -395,7 +396,7 @@ def test_softmax_launch_honours_a_json_entry(config_dir, monkeypatch):
 def test_topk_launch_honours_a_json_entry(config_dir, monkeypatch):
     import fused_ops
     _, family = tuning.current_device()
-    _write(config_dir, family, family, "topk_gating", "M64_E16", TOPK.config_to_json(TOPK.TopkConfig(4, 1)))
+    _write(config_dir, family, family, "topk_gating", "M64_E16", asdict(TOPK.TopkConfig(4, 1)))
     log = _LaunchLog(monkeypatch, TOPK, "topk_gating_kernel")
     p = reference.softmax_laplace(rand(40, 10))
     w, i = fused_ops.topk_gating(p, 3, renormalize=True)
@@ -444,8 +445,8 @@ def test_shipped_row_kernel_entries_become_offline_builds(config_dir, monkeypatc
     """A shipped entry is built for its file's family only; the fallbacks for every target."""
     monkeypatch.setattr(tuning, "CONFIG_DIR", str(config_dir))
     _write(config_dir, "sm_120", "sm_120", "softmax_laplace", "M64_N128",
-           SOFTMAX.config_to_json(SOFTMAX.SoftmaxConfig(4, 128, 2)))
-    _write(config_dir, "sm_120", "sm_120", "topk_gating", "M64_E16", TOPK.config_to_json(TOPK.TopkConfig(4, 1)))
+           asdict(SOFTMAX.SoftmaxConfig(4, 128, 2)))
+    _write(config_dir, "sm_120", "sm_120", "topk_gating", "M64_E16", asdict(TOPK.TopkConfig(4, 1)))
     assert SOFTMAX.shipped_configs()[(False, SOFTMAX.SoftmaxConfig(4, 128, 2))] == (120,)
     assert SOFTMAX.shipped_configs()[(True, SOFTMAX.SoftmaxConfig(1, 4096, 8))] == (90, 100, 120)
     assert TOPK.shipped_configs()[(TOPK.TopkConfig(4, 1), 16)] == (120,)
