@@ -42,9 +42,9 @@ def test_only_plain_cuda_tensors_in_eager_mode_skip_the_dispatcher():
             return func(*args, **(kwargs or {}))
 
     assert not _runtime.skips_dispatcher(torch.randn(3))
-    with FakeTensorMode() as mode:
-        fake = mode.from_tensor(torch.randn(3))
-    assert not _runtime.skips_dispatcher(fake)
+    with FakeTensorMode():
+        fake = torch.empty(3, device="cuda")        # a fake CUDA tensor needs no GPU
+    assert fake.is_cuda and not _runtime.skips_dispatcher(fake)
     if torch.cuda.is_available():
         cuda = torch.randn(3, device="cuda")
         assert _runtime.skips_dispatcher(cuda)
