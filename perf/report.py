@@ -18,7 +18,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def table_for(csv_path: str) -> str:
-    rows = [r for r in read_csv(csv_path) if r["op"] != "ceiling"]
+    rows = [r for r in read_csv(csv_path) if r["op"] != "ceiling" and not r["op"].startswith("tuned_")]
     ceilings = {r["provider"]: r for r in read_csv(csv_path) if r["op"] == "ceiling"}
     if not rows:
         return ""
@@ -45,12 +45,33 @@ def table_for(csv_path: str) -> str:
     return "\n".join(lines)
 
 
+def tuned_table_for(csv_path: str) -> str:
+    """perf/bench_tuning.py's rows: fallback against the shipped tuned config, per kernel and bucket."""
+    rows = [r for r in read_csv(csv_path) if r["op"].startswith("tuned_")]
+    if not rows:
+        return ""
+    env = rows[0]
+    lines = [f"**{env['gpu']}**, tuned against fallback configs — torch {env['torch']}, triton {env['triton']}, "
+             f"{env['date']}; medians (ms); \"-\" where the shipped entry is the fallback itself.",
+             "",
+             "| kernel | shape | fallback ms | tuned ms | speedup |",
+             "|---|---|---:|---:|---:|"]
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["op"][len("tuned_"):], r["shape"]), {})[r["provider"].split(" (")[0]] = _best(r)
+    for (kernel, shape), times in cases.items():
+        fallback, tuned = times["fused_ops fallback"], times.get("fused_ops tuned")
+        tuned_cols = f"{tuned:.4f} | {fallback / tuned:.2f}x" if tuned else "- | -"
+        lines.append(f"| {kernel} | {shape} | {fallback:.4f} | {tuned_cols} |")
+    return "\n".join(lines)
+
+
 def generate() -> str:
     parts = []
     for path in sorted(glob.glob(os.path.join(ROOT, "perf", "results", "*", "*.csv"))):
-        table = table_for(path)
-        if table:
-            parts.append(table)
+        for table in (table_for(path), tuned_table_for(path)):
+            if table:
+                parts.append(table)
     return "\n\n".join(parts) if parts else "_No GPU results committed yet._"
 
 
