@@ -44,6 +44,8 @@ def skips_dispatcher(*tensors) -> bool:
 
 def rows(t: torch.Tensor) -> torch.Tensor:
     """[..., n] -> [rows, n] with a unit stride on the last dim (copies only when it must)."""
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t
     t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 

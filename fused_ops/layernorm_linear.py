@@ -547,15 +547,21 @@ def _launch_rows(x, g, b, w, bias, y, eps):
 
 
 def version_stamp(tensors) -> Optional[tuple]:
-    """Who and which version each tensor is; None where one keeps no version (inference tensors)."""
+    """Who each tensor is, its version and its storage (a `.data =` assignment keeps the version);
+    None where one keeps no version (inference tensors)."""
     if any(t is not None and t.is_inference() for t in tensors):
         return None
-    return tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
+    return tuple(None if t is None else (weakref.ref(t), t._version, t.data_ptr()) for t in tensors)
 
 
 def same_stamp(stamp, tensors) -> bool:
-    return all((s is None and t is None) or (s is not None and t is not None and s[0]() is t and s[1] == t._version)
-               for s, t in zip(stamp, tensors))
+    for s, t in zip(stamp, tensors):
+        if s is None or t is None:
+            if s is not t:
+                return False
+        elif s[0]() is not t or s[1] != t._version or s[2] != t.data_ptr():
+            return False
+    return True
 
 
 # weight -> (stamp of (weight, ln_weight, ln_bias, bias), [2, N] fp32 sums, folded weight or None);

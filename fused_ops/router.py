@@ -31,8 +31,9 @@ gamma . gamma, and the W' halves) come from gate_sums_kernel, run once per versi
 (gate weight, LN weight, LN bias) and cached: the K loop keeps only work on x (a first call, or
 inference tensors, which keep no version, add that small launch). A CUDA graph captured after
 the cache was filled holds the cached buffers: replays do not see later in-place changes of the
-three parameters (capture again after changing them), and writes through `.data` keep the version,
-so no call sees those.
+three parameters (capture again after changing them), and in-place writes through `.data` keep
+the version, so no call sees those (a new tensor assigned to `.data` is seen: the stamp holds
+the storage too).
 Wider E computes the logits with the same helpers tiled over experts, then the unfused ops.
 
 Accuracy of the raw dot: without the pivot inside the dot, x @ W'^T and pivot * W' 1 each round by
@@ -55,6 +56,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference, tuning
 from ._runtime import dot_precision, dot_upcast, pow2, rows, skips_dispatcher, sm_count, use_triton
+from .launch_plans import LaunchPlans, current_stream, plans_apply
 from .layernorm_linear import (contiguous_vector, divisible_args, dot_nt, ln_dot_sums, ln_project,
                                ln_stats, load_affine, load_k, prev_pow2, row_pivot, row_starts, rows_config,
                                same_stamp, store_tile, version_stamp)
@@ -334,7 +336,7 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     since its replays may run beside any stream."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(n, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = current_stream(device) if device.type == "cuda" else 0
     with _COUNTERS_LOCK:
         counters = _COUNTERS.get((device, stream))
         if counters is None or counters.numel() < n:
@@ -501,25 +503,52 @@ def launch_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temper
         logits = launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gating)
         return _topk_gating_op(_softmax_laplace_op(logits, temperature, alpha), k, renormalize)
     x2 = rows(x)
-    M, K = x2.shape
+    M = x2.shape[0]
     weights = torch.empty((M, k), dtype=torch.float32, device=x.device)
     indices = torch.empty((M, k), dtype=torch.int32, device=x.device)
     if M > 0:
-        cfg = config or pick_config(M, E, K, x2, raw_dot_ok(x2, gate_weight))
-        pointers, flags, stride_w = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating,
-                                                cfg["RAW_DOT"])
-        blocks, splits = triton.cdiv(M, cfg["BLOCK_M"]), cfg["SPLITS"]
-        f32 = dict(dtype=torch.float32, device=x.device)
-        part = torch.empty((splits, M, cfg["BLOCK_E"]), **f32) if splits > 1 else weights
-        stat = torch.empty((splits, ROW_SUMS.value, M), **f32) if splits > 1 else weights
-        count = split_counters(x.device, blocks) if splits > 1 else indices
-        inv_norm = 1.0 / (1.0 + alpha * E)
-        fused_router_kernel[(blocks, splits)](
-            *pointers, part, stat, count, weights, indices, M, E, K, k, stride_x=x2.stride(0), stride_w=stride_w,
-            eps=eps, scale=LOG2E / temperature, alpha_scaled=alpha * inv_norm, inv_norm=inv_norm, **flags,
-            RENORMALIZE=renormalize, BLOCK_TOPK=pow2(k), **cfg)
+        params = (ln_weight, ln_bias, gate_weight, gate_bias)
+        call = (k, temperature, alpha, eps, renormalize, gating)
+        if config is None and plans_apply(x.device):
+            key = (x.device.index, current_stream(x.device), *x2.shape, x2.stride(0), x2.dtype,
+                   x2.data_ptr() % 16, *map(id, params), *call)
+            plan = _PLANS.find(key, params)
+            if plan is not None:
+                plan.launch(x2, weights, indices)
+            else:
+                _PLANS.record(key, params, *_launch_fused(x2, params, call, weights, indices, None),
+                              slots=("x_ptr", "weights_ptr", "indices_ptr"))
+        else:
+            _launch_fused(x2, params, call, weights, indices, config)
+    if x.dim() == 2:
+        return weights, indices
     out_shape = (*x.shape[:-1], k)
     return weights.reshape(out_shape), indices.reshape(out_shape)
+
+
+def _launch_fused(x2, params, call, weights, indices, config):
+    """One fused_router_kernel launch through Triton: (compiled kernel, grid, args, kwargs)."""
+    ln_weight, ln_bias, gate_weight, gate_bias = params
+    k, temperature, alpha, eps, renormalize, gating = call
+    (M, K), E = x2.shape, gate_weight.shape[0]
+    cfg = config or pick_config(M, E, K, x2, raw_dot_ok(x2, gate_weight))
+    pointers, flags, stride_w = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating, cfg["RAW_DOT"])
+    blocks, splits = triton.cdiv(M, cfg["BLOCK_M"]), cfg["SPLITS"]
+    f32 = dict(dtype=torch.float32, device=x2.device)
+    part = torch.empty((splits, M, cfg["BLOCK_E"]), **f32) if splits > 1 else weights
+    stat = torch.empty((splits, ROW_SUMS.value, M), **f32) if splits > 1 else weights
+    count = split_counters(x2.device, blocks) if splits > 1 else indices
+    inv_norm = 1.0 / (1.0 + alpha * E)
+    args = (*pointers, part, stat, count, weights, indices, M, E, K, k)
+    kwargs = dict(stride_x=x2.stride(0), stride_w=stride_w, eps=eps, scale=LOG2E / temperature,
+                  alpha_scaled=alpha * inv_norm, inv_norm=inv_norm, **flags, RENORMALIZE=renormalize,
+                  BLOCK_TOPK=pow2(k), **cfg)
+    grid = (blocks, splits)
+    return fused_router_kernel[grid](*args, **kwargs), grid, args, kwargs
+
+
+# eager launches of fused_router_kernel at a repeated call: launch_plans.py
+_PLANS = LaunchPlans(fused_router_kernel)
 
 
 def offline_builds():

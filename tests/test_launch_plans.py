@@ -1,0 +1,104 @@
+"""Launch plans (fused_ops/launch_plans.py): a repeated eager fused_router call launches the compiled
+kernel it kept, and anything that would change the launch (parameters changed in place or given new
+storage, x at another alignment, another stream, graph capture, inference-mode parameters) must
+give the reference's answer, through a new plan or none."""
+import pytest
+import torch
+
+import fused_ops
+from fused_ops import router
+
+from conftest import ON_GPU
+from test_router import _check, _inputs
+
+pytestmark = pytest.mark.skipif(not ON_GPU, reason="plans exist on CUDA only (not under the interpreter)")
+
+KW = dict(k=4, temperature=0.7, alpha=0.01)
+
+
+def _plans() -> int:
+    return len(router._PLANS._plans)
+
+
+def _call(x, g, b, w, wb):
+    return fused_ops.fused_router(x, g, b, w, wb, **KW)
+
+
+@pytest.mark.parametrize("M", [1, 32, 300])
+@pytest.mark.parametrize("gating", ["softmax", "laplace"])
+def test_a_repeated_call_takes_its_plan_and_the_same_answer(M, gating):
+    x, g, b, w, wb = _inputs((M, 8320), 8, torch.bfloat16)
+    router._PLANS.clear()
+    first = _check(x, g, b, w, wb, torch.bfloat16, gating=gating, **KW)
+    assert _plans() == 1
+    for _ in range(3):                      # the plan's scratch and counters are reused
+        again = _check(x, g, b, w, wb, torch.bfloat16, gating=gating, **KW)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert _plans() == 1
+
+
+def test_parameters_changed_in_place_or_given_new_storage():
+    x, g, b, w, wb = _inputs((32, 8320), 8, torch.bfloat16)
+    _check(x, g, b, w, wb, torch.bfloat16, **KW)
+    for update in (lambda: w.mul_(-1), lambda: g.add_(0.5), lambda: wb.zero_()):
+        update()
+        _check(x, g, b, w, wb, torch.bfloat16, **KW)
+    b.data = torch.randn_like(b)                 # new storage, version unchanged
+    _check(x, g, b, w, wb, torch.bfloat16, **KW)
+
+
+def test_x_at_another_alignment_and_new_x_each_call():
+    x, g, b, w, wb = _inputs((32, 8320), 8, torch.bfloat16)
+    _check(x, g, b, w, wb, torch.bfloat16, **KW)
+    flat = torch.randn(32 * 8320 + 1, device="cuda").to(torch.bfloat16)
+    _check(flat[1:].view(32, 8320), g, b, w, wb, torch.bfloat16, **KW)      # 2 bytes off 16
+    for _ in range(3):
+        _check(torch.randn_like(x), g, b, w, wb, torch.bfloat16, **KW)
+
+
+def test_another_stream_gets_its_own_plan():
+    x, g, b, w, wb = _inputs((32, 8320), 8, torch.bfloat16)
+    router._PLANS.clear()
+    expected = _call(x, g, b, w, wb)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = [_call(x, g, b, w, wb) for _ in range(3)]
+    torch.cuda.current_stream().wait_stream(side)
+    assert _plans() == 2
+    for weights, indices in got:
+        assert torch.equal(weights, expected[0]) and torch.equal(indices, expected[1])
+
+
+def test_graph_capture_after_a_plan_and_eager_calls_after_replays():
+    x, g, b, w, wb = _inputs((32, 8320), 8, torch.bfloat16)
+    expected = _call(x, g, b, w, wb)
+    _call(x, g, b, w, wb)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _call(static_x, g, b, w, wb)                 # warm-up on the capture stream
+        with torch.cuda.graph(graph, stream=side):
+            out = _call(static_x, g, b, w, wb)
+    torch.cuda.current_stream().wait_stream(side)
+    fresh = torch.randn_like(x)
+    static_x.copy_(fresh)
+    graph.replay()
+    eager = _call(fresh, g, b, w, wb)                # plan launch beside the graph's own counters
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+
+
+def test_inference_mode_parameters_keep_no_plan():
+    with torch.inference_mode():
+        x, g, b, w, wb = _inputs((32, 8320), 8, torch.bfloat16)
+        router._PLANS.clear()
+        for _ in range(2):
+            _check(x, g, b, w, wb, torch.bfloat16, **KW)
+    assert _plans() == 0
