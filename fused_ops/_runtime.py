@@ -87,6 +87,18 @@ def max_shared_memory(device: torch.device) -> int:
     return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
+# families whose GEMMs read tiles through the bulk copy engine (TMA); sm_120 spills there
+TMA_FAMILIES = (9, 10)
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can cover these [rows, n] tensors: a TMA family, 16-byte aligned
+    bases and row strides, unit last stride (never under the interpreter)."""
+    return all(t.is_cuda and not INTERPRET and torch.cuda.get_device_capability(t.device)[0] in TMA_FAMILIES
+               and t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(-2) * t.element_size()) % 16 == 0
+               for t in tensors)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 gets tf32 only where torch would use it (SPEC: Dtypes);
     the setting does not affect 16-bit operands."""

@@ -47,7 +47,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
-from ._runtime import dot_precision, dot_upcast, max_shared_memory, pow2, rows, skips_dispatcher, sm_count, use_triton
+from ._runtime import (TMA_FAMILIES, dot_precision, dot_upcast, max_shared_memory, pow2, rows, skips_dispatcher,
+                       sm_count, tma_ok, use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
 ROWS_MAX_M = 16          # up to this many rows, large N also takes the rows kernel (W read once)
@@ -599,16 +600,6 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
 
 
 STATS_BLOCK_M, STATS_BLOCK_K = 2, 1024    # row_stats: 4096 programs at M = 8192, 16 values per thread
-# families whose folded gemm reads its tiles through the bulk copy engine (TMA); sm_120 spills there
-TMA_FAMILIES = (9, 10)
-
-
-def _tma_ok(*tensors) -> bool:
-    """The bulk copy engine needs 16-byte aligned bases and row strides."""
-    return all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] in TMA_FAMILIES
-               and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
-
-
 def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
     """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config."""
     M, K = x.shape
@@ -624,7 +615,7 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
         row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
             x, stats, M, K, x.stride(0), eps, BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
             num_warps=4)
-        tma = _tma_ok(x, w)
+        tma = tma_ok(x, w)
         x_desc, w_desc = x, w
         if tma:
             x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])

@@ -6,8 +6,10 @@ Pipeline (no host sync anywhere, so the whole op is CUDA-graph capturable):
   1. moe_align (moe_align.py): pairs p = m * k + j grouped by expert, each expert padded to BLOCK_M,
      plus a tile -> expert table; scratch sized on the host for the worst routing.
   2. moe_gemm1_kernel: one program per (BLOCK_M tile of one expert's pairs, BLOCK_N columns of H).
-     Token rows are gathered from x through pointers (no permuted copy of x); bias and activation in
-     the epilogue; h [M*k, H] written once, in x's dtype, at row p.
+     Token rows are gathered from x through pointers (no permuted copy of x); weight tiles come
+     through TMA descriptors on sm_90 / sm_100 for 16-bit contiguous weights (measured on an H200
+     at M=8192: the first GEMM 12% faster than through pointers), else through pointers; bias and
+     activation in the epilogue; h [M*k, H] written once, in x's dtype, at row p.
   3. moe_gemm2_kernel: the same over (tile, N columns) reading h rows p; bias and routing weight in
      the epilogue. k = 1: rows go straight to y. k > 1: rows go to o [M*k, N] = [M, k, N] in x's
      dtype and moe_combine_kernel sums each token's k rows in slot order (deterministic). Opt-in
@@ -32,9 +34,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
-from ._runtime import TL_DTYPE, dot_precision, dot_upcast, skips_dispatcher, use_triton
+from ._runtime import TL_DTYPE, TMA_FAMILIES, dot_precision, dot_upcast, skips_dispatcher, tma_ok, use_triton
 from .moe_align import launch_moe_align
 
 ATOMIC_ENV = "FUSED_OPS_MOE_ATOMIC"
@@ -79,13 +82,20 @@ def _mma(a, b, acc, SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.
 
 
 @triton.jit
-def _load_tiles(a_ptrs, b_ptrs, k_left, offs_k, EVEN_K: tl.constexpr):
-    """The [BLOCK_M, BLOCK_K] and [BLOCK_K, BLOCK_N] operand tiles, zero past the contraction end."""
+def _load_tiles(a_ptrs, b_ptrs, w_desc, w_row, k0, k_left, offs_k, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] and [BLOCK_K, BLOCK_N] operand tiles, zero past the contraction end.
+    TMA: the weight tile comes through the descriptor (rows w_row.., columns k0..; the copy engine
+    zero-fills past the tensor; rows of the next expert, where a column block crosses into it, are
+    never stored), the gathered token rows through pointers either way."""
     if EVEN_K:
         a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
     else:
         a = tl.load(a_ptrs, mask=(offs_k < k_left)[None, :], other=0.0)
+    if TMA:
+        b = w_desc.load([w_row, k0]).T
+    elif EVEN_K:
+        b = tl.load(b_ptrs)
+    else:
         b = tl.load(b_ptrs, mask=(offs_k < k_left)[:, None], other=0.0)
     return a, b
 
@@ -100,10 +110,10 @@ def _zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
-def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
+def moe_gemm1_kernel(x_ptr, w_ptr, w_desc, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
                      n_pairs, top_k, n_experts, n_tiles, K, H,
                      stride_xm, stride_xk, stride_we, stride_wh, stride_wk, stride_be, stride_bh, stride_hp,
-                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
                      SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """h[p, n] = act(x[p // k] @ w1[e, n]^T + b1[e, n]) for the pairs p of one tile of expert e."""
@@ -119,9 +129,10 @@ def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
         w_rows = (offs_n % H).to(tl.int64)
         a_ptrs = x_ptr + token.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
         b_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :] * stride_wh + offs_k[:, None] * stride_wk
+        w_row = expert * H + col * BLOCK_N                 # TMA: w as [E * H, K]
         acc = _zeros(BLOCK_M, BLOCK_N, SWAP_AB)
         for k0 in range(0, K, BLOCK_K):
-            a, b = _load_tiles(a_ptrs, b_ptrs, K - k0, offs_k, EVEN_K)
+            a, b = _load_tiles(a_ptrs, b_ptrs, w_desc, w_row, k0, K - k0, offs_k, EVEN_K, TMA)
             acc = _mma(a, b, acc, SWAP_AB, DOT_F32, PRECISION)
             a_ptrs += BLOCK_K * stride_xk
             b_ptrs += BLOCK_K * stride_wk
@@ -137,11 +148,11 @@ def moe_gemm1_kernel(x_ptr, w_ptr, b_ptr, h_ptr, pairs_ptr, tile_bucket_ptr,
 
 
 @triton.jit
-def moe_gemm2_kernel(h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pairs_ptr, tile_bucket_ptr,
+def moe_gemm2_kernel(h_ptr, w_ptr, w_desc, b_ptr, rw_ptr, out_ptr, pairs_ptr, tile_bucket_ptr,
                      n_pairs, top_k, n_experts, n_tiles, H, N,
                      stride_hp, stride_we, stride_wn, stride_wk, stride_be, stride_bn, stride_rm, stride_rj,
                      stride_om,
-                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
                      SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """weights[p] * (h[p] @ w2[e, n]^T + b2[e, n]) to out row p (ATOMIC: added to y row p // k).
@@ -160,9 +171,10 @@ def moe_gemm2_kernel(h_ptr, w_ptr, b_ptr, rw_ptr, out_ptr, pairs_ptr, tile_bucke
         e = tl.minimum(expert, n_experts - 1).to(tl.int64)
         a_ptrs = h_ptr + tl.where(live, pair, 0).to(tl.int64)[:, None] * stride_hp + offs_k[None, :]
         b_ptrs = w_ptr + e * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        w_row = e.to(tl.int32) * N + col * BLOCK_N            # TMA: w as [E * N, H]
         acc = _zeros(BLOCK_M, BLOCK_N, SWAP_AB)
         for k0 in range(0, tl.where(routed, H, 0), BLOCK_K):
-            a, b = _load_tiles(a_ptrs, b_ptrs, H - k0, offs_k, EVEN_K)
+            a, b = _load_tiles(a_ptrs, b_ptrs, w_desc, w_row, k0, H - k0, offs_k, EVEN_K, TMA)
             acc = _mma(a, b, acc, SWAP_AB, DOT_F32, PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_wk
@@ -313,12 +325,15 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
                   BLOCK_M=cfg.block_m)
 
     h = torch.empty((n_pairs, H), dtype=x.dtype, device=x.device)
+    tma = x.dtype.itemsize == 2 and w1.is_contiguous() and w2.is_contiguous() and tma_ok(w1, w2)
+    w1_desc = TensorDescriptor.from_tensor(w1.view(E * H, K), [g1.block_n, g1.block_k]) if tma else w1
+    w2_desc = TensorDescriptor.from_tensor(w2.view(E * N, H), [g2.block_n, g2.block_k]) if tma else w2
     b1_ = w1 if b1 is None else b1                  # placeholder pointer when there is no bias
     moe_gemm1_kernel[(n_tiles * triton.cdiv(H, g1.block_n),)](
-        x, w1, b1_, h, pairs, tile_bucket, n_pairs, top_k, E, n_tiles, K, H,
+        x, w1, w1_desc, b1_, h, pairs, tile_bucket, n_pairs, top_k, E, n_tiles, K, H,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
         0 if b1 is None else b1.stride(0), 0 if b1 is None else b1.stride(1), h.stride(0),
-        HAS_BIAS=b1 is not None, ACTIVATION=activation, **_tile_constexprs(g1, K), **common,
+        HAS_BIAS=b1 is not None, ACTIVATION=activation, TMA=tma, **_tile_constexprs(g1, K), **common,
         num_warps=g1.num_warps, num_stages=g1.num_stages)
 
     if atomic:
@@ -327,11 +342,11 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
         out = y if top_k == 1 else torch.empty((n_pairs, N), dtype=x.dtype, device=x.device)
     b2_ = w2 if b2 is None else b2
     moe_gemm2_kernel[(n_tiles * triton.cdiv(N, g2.block_n),)](
-        h, w2, b2_, weights, out, pairs, tile_bucket, n_pairs, top_k, E, n_tiles, H, N,
+        h, w2, w2_desc, b2_, weights, out, pairs, tile_bucket, n_pairs, top_k, E, n_tiles, H, N,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2),
         0 if b2 is None else b2.stride(0), 0 if b2 is None else b2.stride(1),
         weights.stride(0), weights.stride(1), out.stride(0),
-        HAS_BIAS=b2 is not None, ATOMIC=atomic, **_tile_constexprs(g2, H), **common,
+        HAS_BIAS=b2 is not None, ATOMIC=atomic, TMA=tma, **_tile_constexprs(g2, H), **common,
         num_warps=g2.num_warps, num_stages=g2.num_stages)
 
     if atomic:
@@ -374,16 +389,21 @@ def offline_builds():
         for label, cfg, targets in configs:
             gemms = (("gemm1", moe_gemm1_kernel, cfg.gemm1, K, {"ACTIVATION": "gelu_tanh"}),
                      ("gemm2", moe_gemm2_kernel, cfg.gemm2, H, {"ATOMIC": False}))
+            tma_targets = tuple(cc for cc in targets if cc // 10 in TMA_FAMILIES) if dt == "bf16" else ()
             for name, kernel, g, k_dim, flags in gemms:
                 g = _for_dtype(g, dtype)
-                for odd in (False, True) if dt == "bf16" else (False,):
+                # pointers everywhere (the fallback of odd strides); descriptors where launches take them
+                variants = [(odd, False, targets) for odd in ((False, True) if dt == "bf16" else (False,))]
+                variants += [(odd, True, tma_targets) for odd in (False, True) if tma_targets]
+                for odd, tma, build_targets in variants:
                     constexprs = {k: v for k, v in common.items() if k in kernel.arg_names}
-                    constexprs.update(flags, SWAP_AB=cfg.swap_ab, BLOCK_M=cfg.block_m,
+                    constexprs.update(flags, SWAP_AB=cfg.swap_ab, BLOCK_M=cfg.block_m, TMA=tma,
                                       **_tile_constexprs(g, k_dim + odd))
+                    desc = f"tensordesc<{dt}[{g.block_n}, {g.block_k}]>" if tma else f"*{dt}"
                     builds.append(KernelBuild(
-                        f"moe_{name}_{dt}_{label}{'_oddk' if odd else ''}", kernel,
-                        types, constexprs, num_warps=g.num_warps, num_stages=g.num_stages,
-                        uses_dot=dt == "bf16", targets=targets, divisible=divisible))
+                        f"moe_{name}_{dt}_{label}{'_oddk' if odd else ''}{'_tma' if tma else ''}", kernel,
+                        {**types, "w_desc": desc}, constexprs, num_warps=g.num_warps, num_stages=g.num_stages,
+                        uses_dot=dt == "bf16", targets=build_targets, divisible=divisible))
         block_m, block_n = _combine_blocks(N)
         builds.append(KernelBuild(f"moe_combine_{dt}", moe_combine_kernel, types,
                                   dict(BLOCK_M=block_m, BLOCK_N=block_n), divisible=("N",)))
