@@ -59,7 +59,9 @@ def cases(quick: bool = False) -> list[Case]:
                 providers[f"fused_ops tuned ({source.split()[0]})"] = tunable.make_run(shape, tunable.parse(entry))[0]
             nbytes, flops = _floor(kernel, shape)
             dtype = torch.float32 if kernel == "topk_gating" else DTYPE      # top-k reads fp32 probabilities
-            out.append(Case(f"tuned_{kernel}", {**shape, "bucket": bucket}, dtype, nbytes, flops, providers))
+            # graph time too: the tuner picks by it, and eager times of the small kernels measure launch work
+            out.append(Case(f"tuned_{kernel}", {**shape, "bucket": bucket}, dtype, nbytes, flops, providers,
+                            graph=True))
     return out
 
 

@@ -4,6 +4,7 @@ and the tuner's handling of failing candidates (the tuner's timing needs a GPU, 
 replaced by a deterministic stand-in)."""
 import importlib
 import json
+import os
 from dataclasses import asdict
 
 import pytest
@@ -455,12 +456,17 @@ def test_shipped_row_kernel_entries_become_offline_builds(config_dir, monkeypatc
 
 
 def test_configs_report_lists_the_row_kernels(monkeypatch, capsys):
+    """H200 has tuned row-kernel entries (shown with the fallback they replace); B200's family file
+    has none, so the built-in fallback is reported."""
     from fused_ops.__main__ import main
     monkeypatch.delenv("FUSED_OPS_CONFIG_DIR", raising=False)
     monkeypatch.delenv("FUSED_OPS_FALLBACK_CONFIGS", raising=False)
-    main(["configs", "--device", "NVIDIA H200"])
-    lines = capsys.readouterr().out.splitlines()
-    for kernel, bucket in (("softmax_laplace", "M1024_N65536"), ("topk_gating", "M65536_E128")):
-        at = next(i for i, line in enumerate(lines) if line.startswith(kernel) and bucket in line)
-        assert "built-in fallback (no JSON entry)" in lines[at]
-    assert "{'block_m': 1, 'block_n': 4096, 'num_warps': 8}" in "\n".join(lines)
+    shipped = tuning._load(os.path.join(tuning.CONFIG_DIR, "NVIDIA_H200.json"))["kernels"]
+    for device, source in (("NVIDIA H200", "NVIDIA_H200.json"), ("NVIDIA B200", "built-in fallback (no JSON entry)")):
+        main(["configs", "--device", device])
+        lines = capsys.readouterr().out.splitlines()
+        for kernel, bucket in (("softmax_laplace", "M1024_N65536"), ("topk_gating", "M65536_E128")):
+            at = next(i for i, line in enumerate(lines) if line.startswith(kernel) and bucket in line)
+            assert source in lines[at]
+            if device == "NVIDIA H200":
+                assert str(shipped[kernel][bucket]) == lines[at + 1].strip()

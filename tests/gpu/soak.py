@@ -1,5 +1,8 @@
 """Soak: FuseMoE forward many times with varying batch sizes, and maxsim with varying lengths.
 Checks that allocated GPU memory does not grow and that repeated inputs give bitwise-equal results.
+Every batch size runs once before the baseline; after that, allocated memory may move only within
+the bounded caches (launch plans: at most MAX_PLANS per kernel, the few-row ones holding a few KB
+of split-K scratch each), CACHE_SLACK in all; a leak of one batch's buffers is megabytes.
 
     python tests/gpu/soak.py [iterations]
 """
@@ -9,6 +12,9 @@ import torch
 
 import fused_ops
 from fused_ops import FuseMoE, FuseMoEConfig
+
+MAX_BATCH = 2048
+CACHE_SLACK = 1 << 20       # bytes
 
 
 def main(iterations: int = 10_000) -> None:
@@ -23,11 +29,13 @@ def main(iterations: int = 10_000) -> None:
     with torch.inference_mode():
         y0 = model(probe_x)
         s0 = fused_ops.maxsim(Q, D, d_lengths=probe_len)
+        for m in range(1, MAX_BATCH + 1):                     # every plan and cache size once
+            model(torch.randn(m, config.d_in, device=dev, dtype=dt))
         torch.cuda.synchronize()
         baseline = None
         changed = 0
         for it in range(iterations):
-            m = int(torch.randint(1, 2049, (1,)))
+            m = int(torch.randint(1, MAX_BATCH + 1, (1,)))
             model(torch.randn(m, config.d_in, device=dev, dtype=dt))
             lengths = torch.randint(0, 129, (2000,), device=dev)
             fused_ops.maxsim(Q, D, d_lengths=lengths)
@@ -41,7 +49,7 @@ def main(iterations: int = 10_000) -> None:
         torch.cuda.synchronize()
         growth = torch.cuda.memory_allocated() - baseline
     print(f"soak: {iterations} iterations, memory growth {growth} B, results changed {changed} times")
-    if growth > 0 or changed:
+    if growth > CACHE_SLACK or changed:
         raise SystemExit("soak FAILED")
 
 
