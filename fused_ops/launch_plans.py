@@ -11,7 +11,8 @@ version and storage, puts its own tensors in the plan's slots and launches the c
 The key must hold everything Triton specializes a launch on (dtypes, 16-byte alignment of
 pointers, integer values 1 and multiples of 16), or a plan could launch a kernel compiled for
 other arguments: callers key on exact shapes and strides and on the alignment of the per-call
-tensors; the parameters' pointers are in the stamp. Plans are not built or used under CUDA-graph
+inputs (per-call outputs are fresh allocations, which the caching allocator aligns); the
+parameters' pointers are in the stamp. Plans are not built or used under CUDA-graph
 capture (captures take fresh scratch), under the interpreter, or for inference-mode parameters
 (which keep no version to check).
 """
@@ -72,9 +73,9 @@ class LaunchPlans:
         """Keep the launch just made (`compiled` is what kernel[grid](*args, **kwargs) returned);
         `slots` names the per-call tensor arguments."""
         stamp = version_stamp(params)
-        names = self.kernel.arg_names
-        if stamp is None or not hasattr(compiled, "function"):
+        if stamp is None:
             return
+        names = self.kernel.arg_names
         by_name = dict(zip(names, args), **{n: v for n, v in kwargs.items() if n in names})
         plan = Plan(stamp, compiled, tuple(grid) + (1,) * (3 - len(grid)), [by_name[n] for n in names],
                     tuple(names.index(s) for s in slots))

@@ -10,7 +10,6 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from fused_ops import reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import fused_ops
 from fused_ops import FuseMoE, FuseMoEConfig, reference
 
 from conftest import DEVICE, DTYPES, ON_GPU, assert_close, pick, rand

@@ -13,7 +13,7 @@ from hypothesis import strategies as st  # noqa: E402
 import fused_ops  # noqa: E402
 from fused_ops import reference  # noqa: E402
 
-from conftest import DEVICE, ON_GPU, TOLERANCE, assert_close, assert_topk_match, pick  # noqa: E402
+from conftest import DEVICE, TOLERANCE, assert_close, assert_topk_match, pick  # noqa: E402
 
 EXAMPLES = pick(12, 60)
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
