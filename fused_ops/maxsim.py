@@ -55,6 +55,7 @@ MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, 
 SCORE_GROUP = 16                  # documents per program on the scoring path, at most
 TOPK_TILE_PER_THREAD = 16         # QPB_PAD * GROUP / threads: the top-k path's score tile in registers
 MAX_TOPK_GROUP = 1024             # documents per program on the top-k path, at most
+ROW_ACC = True                    # experiment toggle
 SMEM_SLACK = 4096                 # shared memory Triton needs besides the tiles (reduction scratch)
 
 
@@ -85,7 +86,7 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
                   DIM: tl.constexpr, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr, HAS_Q_LEN: tl.constexpr,
                   MEAN: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_K: tl.constexpr, QPB_PAD: tl.constexpr, GROUP: tl.constexpr, K_PAD: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROW_ACC: tl.constexpr):
     """One program: `group` (<= GROUP) documents x one row block (qpb queries, or one split).
 
     n_tokens: the padded length Ld, or the row count T of the packed layout. q_rows, d_rows: the
@@ -134,6 +135,8 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
     first, length = _doc_span(span_ptr, n, n < n_end, n_tokens, d_rows, DIM, PACKED, HAS_SPAN)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     acc = tl.zeros([QPB_PAD, GROUP], tl.float32)
+    if ROW_ACC:                                                 # each row's max per document, summed after the loop
+        acc_rows = tl.zeros([BLOCK_Q, GROUP], tl.float32)
     for _step in range(0, n_chunks):
         real = t_off < length                                   # the chunk's real (unpadded) tokens
         chunk = tl.load(d_ptr + first + (t_off[:, None] * DIM + k_off[None, :]),
@@ -145,8 +148,11 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
         m = tl.maximum(m, tl.max(tl.where(real[None, :], sim, float("-inf")), axis=1))
         last = length <= BLOCK_D
         if last:                                                # add up the document's rows per query
-            per_query = tl.sum(tl.where(rows_of, m[:, None], 0.0), axis=0)
-            acc = tl.where(col[None, :] == n - n0, acc + per_query[:, None], acc)
+            if ROW_ACC:
+                acc_rows = tl.where(col[None, :] == n - n0, m[:, None], acc_rows)
+            else:
+                per_query = tl.sum(tl.where(rows_of, m[:, None], 0.0), axis=0)
+                acc = tl.where(col[None, :] == n - n0, acc + per_query[:, None], acc)
             m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         n += last.to(tl.int32)
         next_first, next_length = _doc_span(span_ptr, n, n < n_end, n_tokens, d_rows, DIM, PACKED, HAS_SPAN)
@@ -156,6 +162,11 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
     # wanted from here on only, so made here (the live documents in another form than before the
     # loop, which the compiler would merge): values kept through the loop make ptxas spill
     jq = tl.arange(0, QPB_PAD)
+    if ROW_ACC:                                                 # one query at a time: few live registers
+        present = split * lq_tile + (r - (r // lq_tile) * lq_tile) < len_r
+        for jj in tl.static_range(QPB_PAD):
+            owned = tl.where(((r // lq_tile == jj) & present)[:, None], acc_rows, 0.0)
+            acc = tl.where(jq[:, None] == jj, tl.sum(owned, axis=0)[None, :], acc)
     query_q = qg * qpb + jq
     live_q = (jq < qpb) & (query_q < n_queries)
     live_doc = n0 + col < n_end
@@ -378,7 +389,8 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
-            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), ROW_ACC=ROW_ACC and k is None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if k is not None:
         return out, idx
     return out[0] if rows.n_splits == 1 else out.sum(0)
@@ -450,7 +462,8 @@ def offline_builds():
             group = topk_group_bound(tile, qpb_pad) if topk else SCORE_GROUP
             constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
                               BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
-                              GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision)
+                              GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision,
+                              ROW_ACC=not topk)
             # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
             # use mma.sync or FMA, which the offline check does not ask of a dot
             builds.append(KernelBuild(
