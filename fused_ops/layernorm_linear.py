@@ -320,18 +320,10 @@ def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexp
         xs = tl.where((kk < K)[None, :], x - pivot[:, None], 0.0)
         s1 += xs
         s2 += xs * xs
-    mean, rstd = folded_stats(pivot, tl.sum(s1, axis=1), tl.sum(s2, axis=1), K, eps)
-    tl.store(stats_ptr + row, mean, mask=row < M)
-    tl.store(stats_ptr + M + row, rstd, mask=row < M)
-
-
-@triton.jit
-def folded_stats(pivot, s1, s2, K, eps):
-    """(mean, rstd) for the folded gemm from pivot-shifted sums; rstd = 0 for a constant row (every
-    x equal to the pivot: LN(x) = beta exactly, and the gemm's rounding must not be amplified by
-    1/sqrt(eps))."""
-    d, rstd = ln_stats(s1, s2, K, eps)
-    return pivot + d, tl.where(s2 == 0.0, 0.0, rstd)
+    s2 = tl.sum(s2, axis=1)
+    d, rstd = ln_stats(tl.sum(s1, axis=1), s2, K, eps)
+    tl.store(stats_ptr + row, pivot + d, mask=row < M)
+    tl.store(stats_ptr + M + row, tl.where(s2 == 0.0, 0.0, rstd), mask=row < M)
 
 
 @triton.jit
@@ -367,8 +359,7 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, M, N, K, 
 
 @triton.jit
 def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr, sums_ptr, y_ptr, M, N, K,
-                                        stride_x, stride_w, stride_y, eps, TMA: tl.constexpr,
-                                        STATS_IN_LOOP: tl.constexpr, EVEN_K: tl.constexpr,
+                                        stride_x, stride_w, stride_y, TMA: tl.constexpr, EVEN_K: tl.constexpr,
                                         DOT_UPCAST: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
                                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """16-bit: one [BLOCK_M, BLOCK_N] tile of y = rstd * (x @ W'^T - mean * W' 1) + (W @ beta + bias), a
@@ -383,33 +374,20 @@ def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr,
     w_rows = row_starts(w_ptr, col, N, stride_w)
     lane = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if STATS_IN_LOOP:
-        pivot = row_pivot(x_rows, K, BLOCK_K)
-        s1 = tl.zeros([BLOCK_M], tl.float32)
-        s2 = tl.zeros([BLOCK_M], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        kk = k0 + lane
         if TMA:
             a = x_desc.load([first_row, k0])
             b = w_desc.load([first_col, k0])
         else:
+            kk = k0 + lane
             a = load_k(x_rows[:, None] + kk[None, :], (kk < K)[None, :], EVEN_K)
             b = load_k(w_rows[:, None] + kk[None, :], (kk < K)[None, :], EVEN_K)
-        if STATS_IN_LOOP:
-            xs = a.to(tl.float32) - pivot[:, None]
-            if not EVEN_K:                         # zeros past K would count as -pivot
-                xs = tl.where((kk < K)[None, :], xs, 0.0)
-            s1 += tl.sum(xs, axis=1)
-            s2 += tl.sum(xs * xs, axis=1)
         if DOT_UPCAST:                             # the interpreter's bf16 dot is wrong: fp32 there
             acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(b), acc)
-    if STATS_IN_LOOP:
-        mean, rstd = folded_stats(pivot, s1, s2, K, eps)
-    else:
-        mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
-        rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
+    mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
+    rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
     c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
     c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
     store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, mean, rstd, c1, c2))
@@ -622,8 +600,7 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
 
 
 STATS_BLOCK_M, STATS_BLOCK_K = 2, 1024    # row_stats: 4096 programs at M = 8192, 16 values per thread
-def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None,
-                 stats_in_loop: bool = True):
+def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
     """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config."""
     M, K = x.shape
     N = weight.shape[0]
@@ -634,21 +611,18 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
     even_k = K % cfg.block_k == 0
     tiles = dict(**gemm_constexprs(cfg), num_warps=cfg.num_warps)
     if folds_weight(w):
-        if stats_in_loop:
-            stats = sums
-        else:
-            stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
-            row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
-                x, stats, M, K, x.stride(0), eps, BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
-                num_warps=4)
+        stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
+        row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
+            x, stats, M, K, x.stride(0), eps, BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
+            num_warps=4)
         tma = tma_ok(x, w)
         x_desc, w_desc = x, w
         if tma:
             x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
             w_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k])
         layernorm_linear_folded_gemm_kernel[grid](
-            x, w, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps, TMA=tma,
-            STATS_IN_LOOP=stats_in_loop, EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), **tiles)
+            x, w, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), TMA=tma,
+            EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), **tiles)
     else:
         g = contiguous_vector(ln_weight)
         layernorm_linear_gemm_kernel[grid](
@@ -699,7 +673,7 @@ def _gemm_builds(dt: str, types: dict, K: int) -> list:
                             divisible=divisible)]
     builds = []
     for label, cfg, targets in gemm_shipped_configs():
-        common = dict(STATS_IN_LOOP=True, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, **gemm_constexprs(cfg))
+        common = dict(EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, **gemm_constexprs(cfg))
         pointers = {**types, "x_desc": f"*{dt}", "w_desc": f"*{dt}"}
         builds.append(KernelBuild(f"ln_linear_gemm_{dt}_{label}", layernorm_linear_folded_gemm_kernel, pointers,
                                   dict(TMA=False, **common), num_warps=cfg.num_warps, uses_dot=True, targets=targets,

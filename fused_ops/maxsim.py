@@ -55,7 +55,6 @@ MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, 
 SCORE_GROUP = 16                  # documents per program on the scoring path, at most
 TOPK_TILE_PER_THREAD = 16         # QPB_PAD * GROUP / threads: the top-k path's score tile in registers
 MAX_TOPK_GROUP = 1024             # documents per program on the top-k path, at most
-ROW_ACC = True                    # experiment toggle
 SMEM_SLACK = 4096                 # shared memory Triton needs besides the tiles (reduction scratch)
 
 
@@ -262,7 +261,7 @@ def _family(dtype: torch.dtype, dim: int) -> tuple[int, list[Tile]]:
     if dim % 8:
         return 255, [Tile(32, 16, 4)]
     if dim <= 128:
-        return 128, [Tile(32, 64, 2), Tile(64, 64, 4), Tile(128, 64, 8), Tile(256, 64, 8)]
+        return 128, [Tile(32, 64, 2), Tile(64, 64, 4), Tile(128, 64, 4), Tile(256, 64, 8)]
     return 256, [Tile(32, 32, 2), Tile(64, 32, 4), Tile(128, 32, 8)]
 
 
@@ -389,7 +388,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
-            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), ROW_ACC=ROW_ACC and k is None,
+            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), ROW_ACC=k is None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if k is not None:
         return out, idx

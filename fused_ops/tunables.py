@@ -196,14 +196,15 @@ def maxsim_bucket(shape: dict) -> str:
 
 def maxsim_space(family: str, shape: dict) -> list:
     """Each tile of the family no taller than the call's query rows, with half, all and twice its
-    chunk, its own and twice its warps (at most 8), and 2 to 4 stages."""
+    chunk, half, all and twice its warps (2 to 8: fewer warps per program can mean two programs
+    per SM, one's dot beside the other's row maxima), and 2 to 4 stages."""
     rows = pow2(shape["Nq"] * shape["Lq"])
     out = []
     for tile in maxsim._family(MAXSIM_DTYPE, shape["d"])[1]:
         if tile.block_q > max(rows, 32):
             continue
         chunks = (tile.block_d // 2, tile.block_d, 2 * tile.block_d)
-        warps = sorted({tile.num_warps, min(8, 2 * tile.num_warps)})
+        warps = sorted({max(2, tile.num_warps // 2), tile.num_warps, min(8, 2 * tile.num_warps)})
         for block_d, num_warps, stages in itertools.product(chunks, warps, (2, 3, 4)):
             out.append(maxsim.Tiling(tile.block_q, block_d, num_warps, stages))
     return out

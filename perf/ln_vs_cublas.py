@@ -1,0 +1,53 @@
+"""layernorm_linear at 8192 x 8320 x 4096 (bf16) against cuBLAS F.linear alone and F.layer_norm +
+F.linear, in alternating rounds (the H200's clocks fall under sustained GEMM load, and by how much
+depends on what ran before): the shipped path (row-statistics pass + folded gemm) at the tuned
+config and at the built-in fallback. Prints each contender's median, best and every round.
+
+    python -m perf.ln_vs_cublas        (CUDA machine)
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from fused_ops import tuning
+
+LN = importlib.import_module("fused_ops.layernorm_linear")
+
+M, K, N = 8192, 8320, 4096
+ROUNDS = 9
+
+
+def main() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda *s, scale=1.0: (torch.randn(*s, device="cuda", generator=g) * scale).to(torch.bfloat16)  # noqa: E731
+    x, gamma, beta, w, bias = rand(M, K), rand(K), rand(K), rand(N, K, scale=K ** -0.5), rand(N)
+    y = torch.empty((M, N), dtype=x.dtype, device="cuda")
+    tuned = LN.pick_gemm_config(M, x.dtype, x.device)
+    fallback = LN.gemm_fallback(LN.gemm_bucket(M), tuning.current_device()[1])
+    contenders = {
+        f"fused_ops tuned {tuned.block_m}x{tuned.block_n}": lambda: LN._launch_gemm(x, gamma, beta, w, bias, y, 1e-5, tuned),
+        f"fused_ops fallback {fallback.block_m}x{fallback.block_n}":
+            lambda: LN._launch_gemm(x, gamma, beta, w, bias, y, 1e-5, fallback),
+        "cublas F.linear": lambda: F.linear(x, w, bias),
+        "F.layer_norm + F.linear": lambda: F.linear(F.layer_norm(x, (K,), gamma, beta, 1e-5), w, bias),
+    }
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"tuned {tuned}; fallback {fallback}")
+    times = {name: [] for name in contenders}
+    for _ in range(ROUNDS):
+        for name, fn in contenders.items():
+            times[name].append(do_bench(fn, rep=100))
+    cublas = sorted(times["cublas F.linear"])[ROUNDS // 2]
+    for name, ms_list in times.items():
+        ms = sorted(ms_list)[ROUNDS // 2]
+        print(f"{name:<28} median {ms:.4f} ms ({ms / cublas:.3f}x cuBLAS's median)  best {min(ms_list):.4f}  "
+              f"(rounds: {' '.join(f'{t:.3f}' for t in ms_list)})")
+
+
+if __name__ == "__main__":
+    main()
