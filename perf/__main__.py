@@ -1,4 +1,4 @@
-"""python -m perf [--families gating router moe maxsim tuning] [--quick] [--out DIR]
+"""python -m perf [--families gating router moe maxsim tuning] [--ops OP ...] [--quick] [--out DIR]
 
 Measures the ceilings, runs every benchmark family on the GPU at hand, and writes
 `<out>/results.csv` plus one PNG per plotted op (default out: perf/results/<gpu name>/).
@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES)
     parser.add_argument("--quick", action="store_true", help="the headline shapes only")
     parser.add_argument("--out", default=None, help="output folder (default perf/results/<gpu>)")
+    parser.add_argument("--ops", nargs="+", help="only these ops of the families (the CSV's op column)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("python -m perf needs a CUDA GPU: the sweeps time kernels on the device")
@@ -37,7 +38,8 @@ def main(argv=None) -> None:
     rows, plots = [], []
     for name in args.families:
         family = importlib.import_module(f"perf.bench_{name}")
-        rows += harness.run_cases(family.cases(args.quick), ceilings, env)
+        rows += harness.run_cases([c for c in family.cases(args.quick) if not args.ops or c.op in args.ops],
+                                  ceilings, env)
         plots += family.PLOTS
     csv_path = os.path.join(out, "results.csv")
     harness.write_csv(rows, csv_path, ceilings, env)

@@ -89,10 +89,16 @@ def run_case(case: Case, ceilings: Ceilings, env: dict) -> list[dict]:
     for provider, fn in case.providers.items():
         try:
             ms = time_ms(fn)
-            graph_ms = graph_time_ms(fn) if case.graph else float("nan")
         except Exception as exc:               # a provider that fails is reported, never faked
             print(f"  skipped {case.op}/{provider} {shape_str(case.shape)}: {type(exc).__name__}: {exc}")
             continue
+        graph_ms = float("nan")
+        if case.graph:
+            try:
+                graph_ms = graph_time_ms(fn)
+            except Exception as exc:           # e.g. a host sync inside: no graph time, the eager one stands
+                print(f"  no graph time for {case.op}/{provider} {shape_str(case.shape)}: {type(exc).__name__}: {exc}")
+                torch.cuda.synchronize()
         rows.append({
             "op": case.op, "provider": provider, "shape": shape_str(case.shape),
             "dtype": str(case.dtype).replace("torch.", ""), "ms": ms, "graph_ms": graph_ms,
