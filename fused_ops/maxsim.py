@@ -15,13 +15,14 @@ How the work is laid out
   runs across document boundaries. S = Q_rows @ chunk^T stays on chip (fp32 accumulation, bf16/fp16
   operands as they are); columns past the length become -inf before the running row max, and
   rows of absent query tokens add 0 to the per-query sums (never -inf * 0).
-- Per-document sums (ROW_ACC, 16-bit scoring): when a document ends, each row's max goes into a
-  [BLOCK_Q, GROUP] register tile, and the rows are summed per query once, after the loop. Summing
-  them inside the loop is a reduction across warps (shared memory and barriers) each document;
-  without it, two 4-warp programs per SM overlap well (one's dot beside the other's row maxima):
-  on the H200 the 128 x 64 tile at 4 warps went from 0.707 to 0.650 ms (Nq=16, Nd=10k) and 0.670
-  to 0.587 ms (ColPali), and is the tuned tile of both. The top-k path (GROUP up to 1024
-  documents) and float32 keep the in-loop sums.
+- Per-document sums (16-bit): when a document ends, each row's max goes into a [BLOCK_Q, WINDOW]
+  register tile, and the rows are summed per query once per WINDOW documents (the scoring path:
+  once, after the loop; the top-k path, whose GROUP reaches 1024 documents: every 16). Summing
+  them as each document ends is a reduction across warps (shared memory and barriers) per
+  document; without it, two 4-warp programs per SM overlap well (one's dot beside the other's row
+  maxima): on the H200 the 128 x 64 tile at 4 warps went from 0.707 to 0.650 ms (Nq=16, Nd=10k)
+  and 0.670 to 0.587 ms (ColPali), and is the tuned tile of both. float32 (WINDOW = 0) keeps the
+  per-document sums.
 - Tokens are rows of d contiguous elements and every offset is a whole number of rows, so the
   compiler sees each address as a multiple of d and copies chunks to shared memory in 16-byte
   pieces whenever d is a multiple of 8 (other d take a small tile, see _family).
@@ -86,13 +87,27 @@ def _doc_span(span_ptr, n, live, n_tokens, d_rows, DIM: tl.constexpr, PACKED: tl
 
 
 @triton.jit
+def _window_sums(acc_windows, acc_rows, window, j, row_ok):
+    """acc_windows [QPB_PAD, windows, WINDOW] with window `window` replaced by the sums of acc_rows
+    [BLOCK_Q, WINDOW] over each query's present rows (row r belongs to query j[r]); one query at a
+    time, so few registers are live."""
+    QPB_PAD: tl.constexpr = acc_windows.shape[0]
+    query = tl.arange(0, QPB_PAD)[:, None, None]
+    at = tl.arange(0, acc_windows.shape[1])[None, :, None] == window
+    for jj in tl.static_range(QPB_PAD):
+        sums = tl.sum(tl.where(((j == jj) & row_ok)[:, None], acc_rows, 0.0), axis=0)
+        acc_windows = tl.where((query == jj) & at, sums[None, None, :], acc_windows)
+    return acc_windows
+
+
+@triton.jit
 def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
                   n_queries, n_docs, q_tokens, n_tokens, lq_tile, qpb, n_splits, group, k, q_rows, d_rows,
                   stride_os, stride_on,
                   DIM: tl.constexpr, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr, HAS_Q_LEN: tl.constexpr,
                   MEAN: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_K: tl.constexpr, QPB_PAD: tl.constexpr, GROUP: tl.constexpr, K_PAD: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROW_ACC: tl.constexpr):
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr):
     """One program: `group` (<= GROUP) documents x one row block (qpb queries, or one split).
 
     n_tokens: the padded length Ld, or the row count T of the packed layout. q_rows, d_rows: the
@@ -102,8 +117,8 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
     chunk does not depend on the dot, so the loads of later chunks are in flight while this one is
     scored. An empty document takes one fully masked chunk, which leaves its row maxima at -inf.
     TOPK: write the group's top k per query to (out, idx) [Nq, groups * k] instead of all scores.
-    ROW_ACC: keep each row's max per document and sum the rows per query after the loop (GROUP
-    small: the scoring path), instead of summing them as each document ends.
+    WINDOW (a power of two dividing GROUP, or 0): keep each row's max per document and sum the rows
+    per query once per WINDOW documents, instead of as each document ends (0).
     """
     n_blocks = tl.cdiv(n_queries, qpb) * n_splits
     block = tl.program_id(0) % n_blocks
@@ -143,8 +158,9 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
     first, length = _doc_span(span_ptr, n, n < n_end, n_tokens, d_rows, DIM, PACKED, HAS_SPAN)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     acc = tl.zeros([QPB_PAD, GROUP], tl.float32)
-    if ROW_ACC:                                                 # [row, document]: the row's max, summed after the loop
-        acc_rows = tl.zeros([BLOCK_Q, GROUP], tl.float32)
+    if WINDOW:                                                  # [row, document of the window]: the row's max
+        acc_rows = tl.zeros([BLOCK_Q, WINDOW], tl.float32)
+        acc_windows = tl.zeros([QPB_PAD, GROUP // WINDOW, WINDOW], tl.float32)
     for _step in range(0, n_chunks):
         real = t_off < length                                   # the chunk's real (unpadded) tokens
         chunk = tl.load(d_ptr + first + (t_off[:, None] * DIM + k_off[None, :]),
@@ -156,8 +172,12 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
         m = tl.maximum(m, tl.max(tl.where(real[None, :], sim, float("-inf")), axis=1))
         last = length <= BLOCK_D
         if last:                                                # add up the document's rows per query
-            if ROW_ACC:
-                acc_rows = tl.where(col[None, :] == n - n0, m[:, None], acc_rows)
+            if WINDOW:
+                slot = (n - n0) % WINDOW
+                acc_rows = tl.where(tl.arange(0, WINDOW)[None, :] == slot, m[:, None], acc_rows)
+                if GROUP > WINDOW:
+                    if slot == WINDOW - 1:                      # the window is full
+                        acc_windows = _window_sums(acc_windows, acc_rows, (n - n0) // WINDOW, j, row_ok)
             else:
                 per_query = tl.sum(tl.where(rows_of, m[:, None], 0.0), axis=0)
                 acc = tl.where(col[None, :] == n - n0, acc + per_query[:, None], acc)
@@ -170,10 +190,9 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
     # wanted from here on only, so made here (the live documents in another form than before the
     # loop, which the compiler would merge): values kept through the loop make ptxas spill
     jq = tl.arange(0, QPB_PAD)
-    if ROW_ACC:                                                 # one query at a time: few live registers
-        for jj in tl.static_range(QPB_PAD):
-            owned = tl.where(((j == jj) & row_ok)[:, None], acc_rows, 0.0)
-            acc = tl.where(jq[:, None] == jj, tl.sum(owned, axis=0)[None, :], acc)
+    if WINDOW:                    # the last window (again, if full: sums replace, so that is harmless)
+        last_window = tl.maximum(n_end - n0 - 1, 0) // WINDOW
+        acc = tl.reshape(_window_sums(acc_windows, acc_rows, last_window, j, row_ok), [QPB_PAD, GROUP])
     query_q = qg * qpb + jq
     live_q = (jq < qpb) & (query_q < n_queries)
     live_doc = n0 + col < n_end
@@ -282,6 +301,15 @@ def tile_shared(tile: Tile, stages: int, max_dim: int, dtype: torch.dtype) -> in
 def _stages(tile: Tile, max_dim: int, dtype: torch.dtype, smem_limit: int) -> int:
     """A third load stage where the query tile and three chunk buffers fit in shared memory."""
     return 3 if tile_shared(tile, 3, max_dim, dtype) <= smem_limit else 2
+
+
+def doc_window(dtype: torch.dtype, block_q: int, group_bound: int) -> int:
+    """The kernel's WINDOW: documents whose row maxima wait in registers before their per-query
+    sums. 0 (a sum per document) for float32, and for the top-k path's large groups on tiles
+    taller than 128 rows (ptxas spills those on sm_120)."""
+    if dtype == torch.float32 or (group_bound > SCORE_GROUP and block_q > 128):
+        return 0
+    return min(group_bound, SCORE_GROUP)
 
 
 def topk_group_bound(tile: Tile, qpb_pad: int) -> int:
@@ -396,7 +424,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
-            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), ROW_ACC=k is None and Q.dtype != torch.float32,
+            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), WINDOW=doc_window(Q.dtype, cfg.block_q, group_bound),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if k is not None:
         return out, idx
@@ -470,7 +498,7 @@ def offline_builds():
             constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
                               BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
                               GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision,
-                              ROW_ACC=not topk and dtype != torch.float32)
+                              WINDOW=doc_window(dtype, tile.block_q, group))
             # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
             # use mma.sync or FMA, which the offline check does not ask of a dot
             builds.append(KernelBuild(
