@@ -29,9 +29,12 @@ How the work is laid out
 - Grid: document groups x row blocks, row blocks fastest, so the programs that read one
   document group run side by side and D comes from HBM about once per call (repeats hit L2).
 - maxsim_topk: groups grow to hundreds of documents; a program keeps its group's scores in
-  registers and writes only their top k per query (ties to the lower index, NaN last); a
-  ranked_topk over the [Nq, groups * k] candidates picks the final k. The [Nq, Nd] scores are
-  never written (unless k > group / 2 or a query is longer than BLOCK_Q).
+  registers and writes only their top k per query, as int64 keys that order scores the way the
+  ranking does (ties to the lower index, NaN last) and name the document; a torch.topk over the
+  [Nq, groups * k] keys picks the final k (0.15 ms against 0.47 for ranked_topk's two stable
+  sorts of scores at Nq=16, Nd=1M, k=100 on the H200; a bitonic tl.topk in the kernel instead of
+  topk_tile's k picks was 0.46 ms slower there: perf/results/NVIDIA_H200/maxsim_topk_ab.txt).
+  The [Nq, Nd] scores are never written (unless k > group / 2 or a query is longer than BLOCK_Q).
 - Lengths and offsets are clamped to the tensor they index, so bad values (unchecked during
   CUDA-graph capture) can give wrong scores but never read out of bounds.
 
@@ -57,12 +60,13 @@ import triton.language as tl
 
 from . import reference, tuning
 from ._runtime import TL_DTYPE, dot_precision, dot_upcast, pow2, skips_dispatcher, use_triton
-from .topk import topk_tile
+from .topk import NAN_KEY, ordered_key, topk_tile
 
 MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, QPB_PAD] ownership tile)
 SCORE_GROUP = 16                  # documents per program on the scoring path, at most
 TOPK_TILE_PER_THREAD = 16         # QPB_PAD * GROUP / threads: the top-k path's score tile in registers
 MAX_TOPK_GROUP = 1024             # documents per program on the top-k path, at most
+DOC_MASK = tl.constexpr(0xFFFFFFFF)   # the document index's bits in a candidate key (inverted)
 SMEM_SLACK = 4096                 # shared memory Triton needs besides the tiles (reduction scratch)
 
 
@@ -101,7 +105,16 @@ def _window_sums(acc_windows, acc_rows, window, j, row_ok):
 
 
 @triton.jit
-def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
+def candidate_keys(scores, doc):
+    """int64 keys in the order of maxsim_topk's ranking: the score's order-preserving int32 key
+    (NaN below every number) above the document index, inverted, so a larger key is a higher score
+    and, among equal scores, a lower document. Unique per document, so any top-k of them is exact
+    (decode_keys undoes them)."""
+    return (ordered_key(scores).to(tl.int64) << 32) | (doc.to(tl.int64) * -1 + DOC_MASK)
+
+
+@triton.jit
+def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr,
                   n_queries, n_docs, q_tokens, n_tokens, lq_tile, qpb, n_splits, group, k, q_rows, d_rows,
                   stride_os, stride_on,
                   DIM: tl.constexpr, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr, HAS_Q_LEN: tl.constexpr,
@@ -116,7 +129,8 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
     The chunks of all the group's documents form one flat loop; the (document, offset) of the next
     chunk does not depend on the dot, so the loads of later chunks are in flight while this one is
     scored. An empty document takes one fully masked chunk, which leaves its row maxima at -inf.
-    TOPK: write the group's top k per query to (out, idx) [Nq, groups * k] instead of all scores.
+    TOPK: write the group's top k per query to out [Nq, groups * k] (int64 candidate keys, see
+    candidate_keys) instead of all scores.
     WINDOW (a power of two dividing GROUP, or 0): keep each row's max per document and sum the rows
     per query once per WINDOW documents, instead of as each document ends (0).
     """
@@ -207,9 +221,7 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr, idx_ptr,
         values, local = topk_tile(acc, col[None, :], live_doc[None, :], k, K_PAD)
         slot = tl.arange(0, K_PAD)[None, :]
         dst = query_q.to(tl.int64)[:, None] * stride_on + dg * k + slot
-        ok = live_q[:, None] & (slot < k)
-        tl.store(out_ptr + dst, values, mask=ok)
-        tl.store(idx_ptr + dst, n0 + local.to(tl.int64), mask=ok)
+        tl.store(out_ptr + dst, candidate_keys(values, n0 + local), mask=live_q[:, None] & (slot < k))
     else:
         dst = split.to(tl.int64) * stride_os + query_q.to(tl.int64)[:, None] * stride_on + n0 + col[None, :]
         tl.store(out_ptr + dst, acc, mask=live_q[:, None] & live_doc[None, :])
@@ -387,7 +399,7 @@ def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
-    """Scores [Nq, Nd] (k None) or top-k candidates ([Nq, groups * k] values, indices).
+    """Scores [Nq, Nd] (k None) or top-k candidates ([Nq, groups * k] int64 keys, candidate_keys).
 
     D is [Nd, Ld, d] (spans = d_lengths or None) or packed [T, d] (spans = doc_offsets).
     A query longer than BLOCK_Q is scored in splits, one row block each, whose partial sums
@@ -403,11 +415,9 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
     n_groups = triton.cdiv(n_docs, cfg.group)
     if k is None:
         out = torch.empty((rows.n_splits, n_queries, n_docs), dtype=torch.float32, device=Q.device)
-        idx = out
         stride_on = n_docs
     else:
-        out = torch.empty((n_queries, n_groups * k), dtype=torch.float32, device=Q.device)
-        idx = torch.empty((n_queries, n_groups * k), dtype=torch.int64, device=Q.device)
+        out = torch.empty((n_queries, n_groups * k), dtype=torch.int64, device=Q.device)
         stride_on = n_groups * k
     if n_queries and n_docs:
         Q, q_rows = _token_rows(Q)
@@ -418,7 +428,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
         # a D without elements (every document empty) may have a null pointer; its loads are all masked
         d_ptr = D if D.numel() else Q
         maxsim_kernel[(n_groups * rows.n_blocks,)](
-            Q, d_ptr, span_ptr, q_len_ptr, out, idx,
+            Q, d_ptr, span_ptr, q_len_ptr, out,
             n_queries, n_docs, q_tokens, n_tokens, rows.lq_tile, rows.qpb, rows.n_splits, cfg.group, k or 0,
             q_rows, d_rows, n_queries * n_docs, stride_on,
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
@@ -427,7 +437,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), WINDOW=doc_window(Q.dtype, cfg.block_q, group_bound),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if k is not None:
-        return out, idx
+        return out
     return out[0] if rows.n_splits == 1 else out.sum(0)
 
 
@@ -445,12 +455,19 @@ def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum",
     cfg = config or pick_config(Q.shape[0], Q.shape[1], D.shape[0], D.shape[2], Q.dtype, Q.device, k)
     if 2 * k > cfg.group or Q.shape[1] > cfg.block_q:
         return reference.ranked_topk(_launch(Q, D, d_lengths, False, q_lengths, reduction, None, config), k)
-    # equal candidates sit in document order (groups ascend and topk_tile breaks ties to the lower
-    # index), so ranked_topk's stable ties still pick the lower document. Slots past the end of a
-    # short last group hold NaN behind every real candidate and are never reached, as k <= Nd.
-    cand, cand_idx = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, cfg)
-    values, pos = reference.ranked_topk(cand, k)
-    return values, cand_idx.gather(1, pos)
+    # keys are unique (one per document) and ordered as the ranking is, so torch.topk's choice
+    # among them is exact. Slots past the end of a short last group hold NaN keys of documents
+    # past Nd, behind every real candidate, and are never reached as k <= Nd.
+    keys = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, cfg)
+    return decode_keys(torch.topk(keys, k, dim=1).values)
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores float32, document indices int64) of candidate_keys' int64 keys."""
+    high = (keys >> 32).to(torch.int32)
+    bits = torch.where(high >= 0, high, high ^ 0x7FFFFFFF)
+    scores = bits.view(torch.float32).masked_fill(high == NAN_KEY.value, float("nan"))
+    return scores, DOC_MASK.value - (keys & DOC_MASK.value)
 
 
 # one (dtype, d) per tile family: its largest d, which the offline check builds each tile at
@@ -487,7 +504,7 @@ def offline_builds():
     builds = []
     for (dtype, dim, tiling), targets in shipped_tilings().items():
         dt = dtype_name(dtype)
-        types = {"q_ptr": f"*{dt}", "d_ptr": f"*{dt}", "span_ptr": "*i64", "q_len_ptr": "*i32", "out_ptr": "*fp32"}
+        types = {"q_ptr": f"*{dt}", "d_ptr": f"*{dt}", "span_ptr": "*i64", "q_len_ptr": "*i32"}
         types.update({a: "i32" for a in ("n_queries", "n_docs", "q_tokens", "n_tokens", "lq_tile", "qpb", "n_splits",
                                           "group", "k", "q_rows", "d_rows", "stride_os", "stride_on")})
         tile = tiling.tile
@@ -504,7 +521,7 @@ def offline_builds():
             builds.append(KernelBuild(
                 f"maxsim_{dt}_d{dim}_{'topk' if topk else 'scores'}_q{qpb_pad}_BQ{tile.block_q}"
                 f"_BD{tile.block_d}_w{tile.num_warps}_s{tiling.num_stages}{'_tf32' if precision == 'tf32' else ''}",
-                maxsim_kernel, {**types, "idx_ptr": "*i64" if topk else "*fp32"}, constexprs,
+                maxsim_kernel, {**types, "out_ptr": "*i64" if topk else "*fp32"}, constexprs,
                 num_warps=tile.num_warps, num_stages=tiling.num_stages, targets=targets,
                 uses_dot=tile.block_q >= 64 and dtype != torch.float32))
     return builds

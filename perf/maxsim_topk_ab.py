@@ -1,0 +1,73 @@
+"""maxsim_topk against maxsim alone on the issue's top-k shape (Nq=16, Lq=32, Nd=1M, Ld=128, real
+lengths in [100, 128], k=100, bf16, d=128), and where the top-k path's time goes: the kernel alone
+(per-group candidates), the final selection over the candidates alone, and other documents per
+program. CUDA-graph replays (no host work), rounds alternated (clocks fall under sustained load),
+medians; every top-k variant must return the same indices as ranked_topk over maxsim's scores.
+
+    python -m perf.maxsim_topk_ab [rounds] [BEFORE_MODULE]        (CUDA machine)
+
+BEFORE_MODULE: an importable copy of an earlier fused_ops/maxsim.py (e.g. `git show REV:fused_ops/maxsim.py
+> fused_ops/_maxsim_before.py`), whose maxsim_topk is timed beside this one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+from fused_ops import reference
+from fused_ops.tunables import _maxsim_inputs
+
+maxsim = importlib.import_module("fused_ops.maxsim")
+SHAPE = (16, 32, 1_000_000, 128, 100, 128, 128)       # Nq, Lq, Nd, Ld, lo, hi, d
+K = 100
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    before = importlib.import_module(sys.argv[2]) if len(sys.argv) > 2 else None
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    Q, D, lengths = _maxsim_inputs(*SHAPE)
+    n_queries, q_tokens, n_docs, *_, dim = SHAPE
+    scores_cfg = maxsim.pick_config(n_queries, q_tokens, n_docs, dim, Q.dtype, Q.device)
+    topk_cfg = maxsim.pick_config(n_queries, q_tokens, n_docs, dim, Q.dtype, Q.device, K)
+    print(f"scores config {scores_cfg}\ntop-k config {topk_cfg}")
+    keys = maxsim._launch(Q, D, lengths, False, None, "sum", K, topk_cfg)
+    runs = {
+        "maxsim": lambda: maxsim.launch_maxsim(Q, D, None, lengths, "sum", scores_cfg),
+        "maxsim_topk": lambda: maxsim.launch_maxsim_topk(Q, D, K, None, lengths, "sum", topk_cfg),
+        "topk kernel only": lambda: maxsim._launch(Q, D, lengths, False, None, "sum", K, topk_cfg),
+        "final selection only": lambda: maxsim.decode_keys(torch.topk(keys, K, dim=1).values),
+    }
+    if before is not None:
+        runs["maxsim_topk before"] = lambda: before.launch_maxsim_topk(Q, D, K, None, lengths, "sum", topk_cfg)
+    variants = {f"group {group}": dataclasses.replace(topk_cfg, group=group) for group in (384, 256)}
+    for tiling in (maxsim.Tiling(256, 64, 8, 3), maxsim.Tiling(256, 64, 4, 3)):       # fewer row blocks per document
+        variants[f"tile {tiling}"] = maxsim.choose_config(n_queries, q_tokens, n_docs, dim, Q.dtype,
+                                                          *maxsim._device_limits(Q.device), K, tiling)
+    for name, cfg in variants.items():
+        runs[f"maxsim_topk {name}"] = lambda cfg=cfg: maxsim.launch_maxsim_topk(Q, D, K, None, lengths, "sum", cfg)
+    wide = maxsim.choose_config(n_queries, q_tokens, n_docs, dim, Q.dtype, *maxsim._device_limits(Q.device),
+                                tiling=maxsim.Tiling(256, 64, 4, 3))
+    runs[f"maxsim {wide}"] = lambda: maxsim.launch_maxsim(Q, D, None, lengths, "sum", wide)
+    want = reference.ranked_topk(runs["maxsim"](), K)
+    for name, run in runs.items():
+        if name.startswith("maxsim_topk"):
+            values, idx = run()
+            assert torch.equal(idx, want[1]), name
+            assert torch.allclose(values, want[0], rtol=1e-5, atol=1e-4), name
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(do_bench_cudagraph(run, rep=400))
+    for name, ms_list in times.items():
+        ms = sorted(ms_list)[len(ms_list) // 2]
+        print(f"{name:80s} {ms:8.3f} ms  (rounds: {' '.join(f'{t:.3f}' for t in ms_list)})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
