@@ -32,8 +32,9 @@ How the work is laid out
   registers and writes only their top k per query, as int64 keys that order scores the way the
   ranking does (ties to the lower index, NaN last) and name the document; a torch.topk over the
   [Nq, groups * k] keys picks the final k (0.15 ms against 0.47 for ranked_topk's two stable
-  sorts of scores at Nq=16, Nd=1M, k=100 on the H200; a bitonic tl.topk in the kernel instead of
-  topk_tile's k picks was 0.46 ms slower there: perf/results/NVIDIA_H200/maxsim_topk_ab.txt).
+  sorts of scores at Nq=16, Nd=1M, k=100 on the H200; the whole call 39.39 against 39.61 ms in one
+  run). A bitonic tl.topk in the kernel instead of topk_tile's k picks lost that gain and more
+  (40.31 against 40.25 ms for the old path in its run): perf/results/NVIDIA_H200/maxsim_topk_ab.txt.
   The [Nq, Nd] scores are never written (unless k > group / 2 or a query is longer than BLOCK_Q).
 - Lengths and offsets are clamped to the tensor they index, so bad values (unchecked during
   CUDA-graph capture) can give wrong scores but never read out of bounds.
@@ -463,7 +464,8 @@ def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum",
 
 
 def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores float32, document indices int64) of candidate_keys' int64 keys."""
+    """(scores float32, document indices int64) of candidate_keys' int64 keys; the score half is
+    topk.key_value's inverse map, on the host."""
     high = (keys >> 32).to(torch.int32)
     bits = torch.where(high >= 0, high, high ^ 0x7FFFFFFF)
     scores = bits.view(torch.float32).masked_fill(high == NAN_KEY.value, float("nan"))

@@ -408,12 +408,13 @@ def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: b
 
     Narrow gates (E <= NARROW_E, FuseMoE's E=8), measured on an H200 at K=8320 bf16, CUDA-graph
     times (perf/results/NVIDIA_H200/router_sweeps.txt, sweep 2): from one row per SM, the raw dot in
-    64-row blocks, 8 warps, K split until the grid has about one program per SM (M=8192: no split,
-    38.5 us = 81% of the x-read floor; the distance gate 52 us, and 212 us in 32-row blocks). Those
-    sweeps' split timings (M=256: 9.2 us, M=2048: 15.1 us in 64-row blocks) came from tilings whose
-    results were wrong (SPLIT_ROWS); sliced launches now take 32-row blocks, which cost more time
-    (session 5, perf/results/NVIDIA_H200/sweep_router.csv: M=256 13.4 us, M=2048 32.7 us, where the
-    tuner found no slices faster).
+    64-row blocks, 8 warps (M=8192: 38.5 us = 81% of the x-read floor; the distance gate 52 us, and
+    212 us in 32-row blocks). Those sweeps' split timings (M=256: 9.2 us, M=2048: 15.1 us, K slices
+    in 64-row blocks) came from tilings whose results were wrong (SPLIT_ROWS). Slices in 32-row blocks
+    pay only where 64-row blocks leave most SMs idle (tuner, session 5,
+    perf/results/NVIDIA_H200/tune-log-fused_router-slices.jsonl): M=256, 16 slices 12.8 us against
+    50.8 for 2; M=2048, unsliced 64-row blocks 32.2 us against 51.2 for 32-row blocks in 2 slices and
+    96.5 unsliced. So: slices (as many as give about one program per SM) below n_sm / 8 row blocks.
     Fewer rows: 1-2 rows per program, a broadcast product and K split into ~2 programs per SM
     (sweep 1, M=32: 8 slices, 7.2 us against 9.9 unsplit; 2048-wide steps beat 512 and 1024).
     sm_100 and sm_120 (offline compile only, no timing): the same blocks at 5 stages (81920 bytes of
@@ -422,9 +423,8 @@ def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: b
     on those cards.
     float32 keeps the pivot path's tl.dot tiles. Wider gates: rows_config's blocks."""
     if raw_dot and M >= RAW_DOT_ROWS_PER_SM * n_sm:
-        block_m, block_k = 64, 128
-        splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
-        if splits > 1:                             # K slices take 32-row blocks (SPLIT_ROWS)
+        block_m, block_k, splits = 64, 128, 1
+        if triton.cdiv(M, block_m) < n_sm // 8:    # few row blocks: K slices, in SPLIT_ROWS-row blocks
             block_m = SPLIT_ROWS
             splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
         if family == "sm_90":
