@@ -382,8 +382,12 @@ def tiling_from_json(entry: dict) -> Tiling:
 
 def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
                 device: torch.device, k: Optional[int] = None) -> MaxSimConfig:
-    """The shipped tiling of the shape's bucket for this device, else the heuristic's."""
-    tiling = tuning.tuned_config("maxsim", tuning_bucket(n_queries, q_tokens, dim, dtype), tiling_from_json)
+    """The shipped tiling of the shape's bucket for this device, else the heuristic's. The top-k
+    path takes its own entry ("maxsim_topk": its large groups change which tile is fastest) where
+    one is shipped, else the scoring path's (the same kernel)."""
+    bucket = tuning_bucket(n_queries, q_tokens, dim, dtype)
+    tiling = tuning.tuned_config("maxsim_topk", bucket, tiling_from_json) if k is not None else None
+    tiling = tiling or tuning.tuned_config("maxsim", bucket, tiling_from_json)
     return choose_config(n_queries, q_tokens, n_docs, dim, dtype, *_device_limits(device), k, tiling)
 
 
@@ -485,13 +489,13 @@ def bucket_family(bucket: str) -> tuple[torch.dtype, int]:
 def shipped_tilings() -> dict:
     """{(dtype, largest d, tiling): compile targets} of every tiling a launcher can choose: each
     family's tiles at the stages each target's shared memory gives, and every shipped JSON entry
-    for the targets of its file's family."""
+    (scoring and top-k paths) for the targets of its file's family."""
     from .offline import SHARED_LIMIT
     found = {}
     picks = [((dtype, dim, Tiling(t.block_q, t.block_d, t.num_warps, _stages(t, dim, dtype, smem))), (cc,))
              for dtype, dim in FAMILY_DIMS for t in _family(dtype, dim)[1] for cc, smem in SHARED_LIMIT.items()]
     picks += [((*bucket_family(bucket), tiling_from_json(entry)), targets)
-              for targets, _, bucket, entry in tuning.shipped_buckets("maxsim")]
+              for kernel in ("maxsim", "maxsim_topk") for targets, _, bucket, entry in tuning.shipped_buckets(kernel)]
     for key, targets in picks:
         found[key] = tuple(sorted(set(found.get(key, ())) | set(targets)))
     return found

@@ -26,6 +26,8 @@ REFERENCE_LN = dict(K=8320, N=4096)
 MAXSIM_SHAPES = [dict(Nq=1, Lq=32, Nd=100_000, Ld=300, lo=100, hi=300, d=128),
                  dict(Nq=16, Lq=32, Nd=10_000, Ld=300, lo=100, hi=300, d=128),
                  dict(Nq=1, Lq=1024, Nd=1000, Ld=1030, lo=1030, hi=1030, d=128)]
+# issue 5's top-k shape: 16 queries, the best 100 of 1M short documents
+MAXSIM_TOPK_SHAPES = [dict(Nq=16, Lq=32, Nd=1_000_000, Ld=128, lo=100, hi=128, d=128, k=100)]
 CHECK_ROWS = 256                 # output rows (documents for maxsim) the reference recomputes
 
 
@@ -241,12 +243,43 @@ def maxsim_make_run(shape: dict, tiling):
     return run, check
 
 
+def maxsim_fallback(shape: dict, family: str):
+    return maxsim.heuristic_tiling(shape["Nq"], shape["Lq"], shape["d"], MAXSIM_DTYPE, tuning.SHARED_LIMIT[family])
+
+
 tuning.register(tuning.Tunable(
-    name="maxsim", space=maxsim_space, fits=maxsim_fits, bucket=maxsim_bucket,
-    fallback=lambda shape, family: maxsim.heuristic_tiling(shape["Nq"], shape["Lq"], shape["d"], MAXSIM_DTYPE,
-                                                           tuning.SHARED_LIMIT[family]),
-    make_run=maxsim_make_run, parse=maxsim.tiling_from_json,
-    shapes=MAXSIM_SHAPES))
+    name="maxsim", space=maxsim_space, fits=maxsim_fits, bucket=maxsim_bucket, fallback=maxsim_fallback,
+    make_run=maxsim_make_run, parse=maxsim.tiling_from_json, shapes=MAXSIM_SHAPES))
+
+
+def maxsim_topk_make_run(shape: dict, tiling):
+    """check(): the returned scores against the reference's for the returned documents, and the
+    share of the returned documents missing from the scoring path's top k (near-ties at the k-th
+    place may swap; a wrong selection misses many)."""
+    Q, D, lengths = _maxsim_inputs(*(shape[n] for n in ("Nq", "Lq", "Nd", "Ld", "lo", "hi", "d")))
+    k = shape["k"]
+    config = maxsim.choose_config(shape["Nq"], shape["Lq"], shape["Nd"], shape["d"], MAXSIM_DTYPE,
+                                  *maxsim._device_limits(Q.device), k, tiling)
+
+    def run():
+        return maxsim.launch_maxsim_topk(Q, D, k, None, lengths, "sum", config)
+
+    def check():
+        values, idx = run()
+        ref = torch.cat([reference._maxsim(Q[q:q + 1].float(), D[idx[q]].float(), None, lengths[idx[q]], "sum")
+                         for q in range(Q.shape[0])])
+        want = reference.ranked_topk(maxsim.launch_maxsim(Q, D, None, lengths, "sum"), k)[1]
+        missing = 1 - sum(torch.isin(idx[q], want[q]).float().mean().item() for q in range(Q.shape[0])) / Q.shape[0]
+        return max(_rel_err(values, ref), missing)
+
+    return run, check
+
+
+# the top-k path's groups of hundreds of documents (scores held in registers) change which tile
+# is fastest; its entries are stored beside the scoring path's under the same buckets
+tuning.register(tuning.Tunable(
+    name="maxsim_topk", space=maxsim_space, fits=maxsim_fits, bucket=maxsim_bucket, fallback=maxsim_fallback,
+    make_run=maxsim_topk_make_run, parse=maxsim.tiling_from_json, shapes=MAXSIM_TOPK_SHAPES))
 
 
 # ---------------------------------------------------------------------------------------------

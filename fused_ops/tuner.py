@@ -22,8 +22,36 @@ def _time_ms(run) -> float:
         return float(do_bench_cudagraph(run, rep=40, return_mode="median"))
 
 
+CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 3      # a thread's local memory: where ptxas spills registers
+
+
+def _local_bytes(run) -> int:
+    """The most local memory a thread of any Triton kernel that run() launches uses (nonzero: it
+    spills registers, which the offline check rejects too). Read from the driver at launch."""
+    import ctypes
+
+    from triton import knobs
+    cuda = ctypes.CDLL("libcuda.so.1")
+    found = [0]
+
+    def record(metadata):
+        size = ctypes.c_int()
+        cuda.cuFuncGetAttribute(ctypes.byref(size), CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+                                ctypes.c_void_p(metadata.get()["function"]))
+        found[0] = max(found[0], size.value)
+
+    knobs.runtime.launch_enter_hook.add(record)
+    try:
+        run()
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(record)
+    return found[0]
+
+
 def tune_kernel(tunable: tuning.Tunable, shapes: list, family: str, progress: bool = True) -> tuple[dict, list]:
-    """Returns ({bucket: best config}, log rows). Each shape's fallback is timed as the baseline."""
+    """Returns ({bucket: best config}, log rows). Each shape's fallback is timed as the baseline;
+    candidates that spill registers are timed and logged but never chosen."""
     from tqdm import tqdm
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("refusing to tune during CUDA-graph capture")
@@ -39,9 +67,13 @@ def tune_kernel(tunable: tuning.Tunable, shapes: list, family: str, progress: bo
             row = {"kernel": tunable.name, "bucket": bucket, "shape": shape, "config": tunable.to_json(config)}
             try:
                 run, _ = tunable.make_run(shape, config)
+                spilled = _local_bytes(run)
                 row["ms"] = _time_ms(run)
-                timings.append((row["ms"], config))
                 baseline = row["ms"] if config is fallback else baseline
+                if spilled:
+                    row["error"] = f"spills registers: {spilled} bytes of local memory a thread"
+                else:
+                    timings.append((row["ms"], config))
             except Exception as exc:                 # compile errors, OutOfResources, launch failures
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.append(row)

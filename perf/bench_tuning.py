@@ -8,8 +8,8 @@ CSV holds both times and their ratio is the tuned speedup (the providers are thi
 never peers, so the README's peer table leaves these rows out). Where no JSON entry applies, or
 the entry is the fallback itself, only the fallback is timed and a note says so.
 Floors: moe_experts and layernorm_linear as in their own families (weights and activations read
-once, 2 x the GEMM FLOPs); maxsim reads the real document tokens once (2 Nq Lq sum(real Ld) d
-FLOPs, with the mean real length).
+once, 2 x the GEMM FLOPs); maxsim and maxsim_topk read the real document tokens once (2 Nq Lq sum(real
+Ld) d FLOPs, with the mean real length).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _floor(kernel: str, s: dict) -> tuple[float, float]:
         return s["M"] * s["N"] * (2 + 4), 0.0
     if kernel == "topk_gating":                 # fp32 probabilities in, k weights and indices out
         return s["M"] * s["E"] * 4 + s["M"] * s["k"] * 8, 0.0
-    if kernel == "maxsim":
+    if kernel in ("maxsim", "maxsim_topk"):   # the top-k path's k keys per group are a rounding error
         tokens = s["Nd"] * (s["lo"] + s["hi"]) / 2
         return (tokens + s["Nq"] * s["Lq"]) * s["d"] * 2, 2 * s["Nq"] * s["Lq"] * tokens * s["d"]
     return 0.0, 0.0

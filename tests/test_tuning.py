@@ -219,6 +219,22 @@ def test_maxsim_launch_honours_a_json_entry(config_dir, monkeypatch):
     assert log.calls[-2]["BLOCK_Q"] == 16 and log.calls[-1]["BLOCK_Q"] != 16
 
 
+def test_maxsim_topk_takes_its_own_entry_and_scoring_keeps_its_own(config_dir, monkeypatch):
+    import fused_ops
+    name, family = tuning.current_device()
+    _write(config_dir, family, family, "maxsim", "d128_rows8", asdict(MS.Tiling(16, 16, 4, 2)))
+    _write(config_dir, family, family, "maxsim_topk", "d128_rows8", asdict(MS.Tiling(32, 32, 2, 3)))
+    log = _LaunchLog(monkeypatch, MS, "maxsim_kernel")
+    Q, D = rand(2, 3, 16, dtype=torch.bfloat16), rand(40, 40, 16, dtype=torch.bfloat16)
+    d_lengths = torch.randint(0, 41, (40,), device=DEVICE)
+    ref = reference.maxsim(Q.double(), D.double(), d_lengths=d_lengths)
+    assert_close(fused_ops.maxsim(Q, D, d_lengths=d_lengths), ref, torch.bfloat16)
+    values, _ = fused_ops.maxsim_topk(Q, D, 3, d_lengths=d_lengths)
+    assert_close(values, ref.topk(3, dim=-1).values, torch.bfloat16)
+    assert [(c["TOPK"], c["BLOCK_Q"], c["BLOCK_D"], c["num_warps"], c["num_stages"]) for c in log.calls] \
+        == [(False, 16, 16, 4, 2), (True, 32, 32, 2, 3)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forced_gemm_configs_from_the_space_match_the_reference(monkeypatch, dtype):
     """Non-default candidates: a K step past K (masked tail), and a 256-wide column block past N."""
@@ -275,9 +291,10 @@ def test_configs_report_names_the_json_or_the_fallback(config_dir, capsys):
 
 
 def test_tuner_skips_failures_and_rejects_wrong_winners(tmp_path, monkeypatch):
-    """Candidates that raise are recorded and skipped; the fastest wrong one is not chosen."""
-    configs = ["fallback", "crashes", "fast_but_wrong", "good"]
-    times = {"fallback": 3.0, "fast_but_wrong": 1.0, "good": 2.0}
+    """Candidates that raise are recorded and skipped; the fastest wrong one and the faster one
+    that spills registers are not chosen."""
+    configs = ["fallback", "crashes", "fast_but_wrong", "spills", "good"]
+    times = {"fallback": 3.0, "fast_but_wrong": 1.0, "spills": 1.5, "good": 2.0}
 
     def make_run(shape, config):
         if config == "crashes":
@@ -288,6 +305,7 @@ def test_tuner_skips_failures_and_rejects_wrong_winners(tmp_path, monkeypatch):
                           bucket=lambda s: "b", fallback=lambda s, f: "fallback", make_run=make_run,
                           to_json=lambda c: {"name": c}, parse=lambda e: e["name"], shapes=[{"M": 1}])
     monkeypatch.setattr(tuner, "_time_ms", lambda run: times[run()])
+    monkeypatch.setattr(tuner, "_local_bytes", lambda run: 64 if run() == "spills" else 0)
     monkeypatch.setitem(tuning.TUNABLES, "fake", fake)
     monkeypatch.setattr(tuning, "current_device", lambda: ("Fake GPU", "sm_90"))
     path = tuner.tune(["fake"], out_dir=str(tmp_path), progress=False)
@@ -297,6 +315,7 @@ def test_tuner_skips_failures_and_rejects_wrong_winners(tmp_path, monkeypatch):
     log = [json.loads(line) for line in open(path[: -len(".json")] + ".tune-log.jsonl")]
     assert any("OutOfResources" in r.get("error", "") for r in log)
     assert any("wrong result" in r.get("error", "") for r in log)
+    assert [r["ms"] for r in log if "spills registers: 64 bytes" in r.get("error", "")] == [1.5]
 
 
 # ---------------------------------------------------------------------------------------------
