@@ -21,8 +21,9 @@ How the work is laid out
   them as each document ends is a reduction across warps (shared memory and barriers) per
   document; without it, two 4-warp programs per SM overlap well (one's dot beside the other's row
   maxima): on the H200 the 128 x 64 tile at 4 warps went from 0.707 to 0.650 ms (Nq=16, Nd=10k)
-  and 0.670 to 0.587 ms (ColPali), and is the tuned tile of both. float32 (WINDOW = 0) keeps the
-  per-document sums.
+  and 0.670 to 0.587 ms (ColPali), and is the scoring path's tuned tile. float32 (WINDOW = 0)
+  keeps the per-document sums, as do top-k tiles where the windows' registers would spill
+  (doc_window).
 - Tokens are rows of d contiguous elements and every offset is a whole number of rows, so the
   compiler sees each address as a multiple of d and copies chunks to shared memory in 16-byte
   pieces whenever d is a multiple of 8 (other d take a small tile, see _family).
@@ -35,6 +36,8 @@ How the work is laid out
   sorts of scores at Nq=16, Nd=1M, k=100 on the H200; the whole call 39.39 against 39.61 ms in one
   run). A bitonic tl.topk in the kernel instead of topk_tile's k picks lost that gain and more
   (40.31 against 40.25 ms for the old path in its run): perf/results/NVIDIA_H200/maxsim_topk_ab.txt.
+  The top-k path is tuned apart ("maxsim_topk" entries): on the H200 a 128 x 128 tile at 4 warps,
+  36.9 ms against 39.6 at the scoring path's 128 x 64 (same run).
   The [Nq, Nd] scores are never written (unless k > group / 2 or a query is longer than BLOCK_Q).
 - Lengths and offsets are clamped to the tensor they index, so bad values (unchecked during
   CUDA-graph capture) can give wrong scores but never read out of bounds.
@@ -316,11 +319,14 @@ def _stages(tile: Tile, max_dim: int, dtype: torch.dtype, smem_limit: int) -> in
     return 3 if tile_shared(tile, 3, max_dim, dtype) <= smem_limit else 2
 
 
-def doc_window(dtype: torch.dtype, block_q: int, group_bound: int) -> int:
+def doc_window(dtype: torch.dtype, tile: Tile, group_bound: int) -> int:
     """The kernel's WINDOW: documents whose row maxima wait in registers before their per-query
-    sums. 0 (a sum per document) for float32, and for the top-k path's large groups on tiles
-    taller than 128 rows (ptxas spills those on sm_120)."""
-    if dtype == torch.float32 or (group_bound > SCORE_GROUP and block_q > 128):
+    sums. 0 (a sum per document) for float32, and on the top-k path (large groups) for tiles
+    taller than 128 rows or whose S tile alone takes 128 registers a thread: ptxas spills the
+    windows' registers there (sm_120 for the tall tiles; triton 3.9 on sm_90 for 128 x 128 at 4
+    warps)."""
+    s_registers = tile.block_q * tile.block_d // (32 * tile.num_warps)
+    if dtype == torch.float32 or (group_bound > SCORE_GROUP and (tile.block_q > 128 or s_registers >= 128)):
         return 0
     return min(group_bound, SCORE_GROUP)
 
@@ -383,11 +389,10 @@ def tiling_from_json(entry: dict) -> Tiling:
 def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
                 device: torch.device, k: Optional[int] = None) -> MaxSimConfig:
     """The shipped tiling of the shape's bucket for this device, else the heuristic's. The top-k
-    path takes its own entry ("maxsim_topk": its large groups change which tile is fastest) where
-    one is shipped, else the scoring path's (the same kernel)."""
-    bucket = tuning_bucket(n_queries, q_tokens, dim, dtype)
-    tiling = tuning.tuned_config("maxsim_topk", bucket, tiling_from_json) if k is not None else None
-    tiling = tiling or tuning.tuned_config("maxsim", bucket, tiling_from_json)
+    path has entries of its own ("maxsim_topk": its large groups change which tile is fastest;
+    a file without one gives the scoring path's, see tuning.ENTRY_FALLBACK)."""
+    kernel = "maxsim" if k is None else "maxsim_topk"
+    tiling = tuning.tuned_config(kernel, tuning_bucket(n_queries, q_tokens, dim, dtype), tiling_from_json)
     return choose_config(n_queries, q_tokens, n_docs, dim, dtype, *_device_limits(device), k, tiling)
 
 
@@ -439,7 +444,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
-            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), WINDOW=doc_window(Q.dtype, cfg.block_q, group_bound),
+            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), WINDOW=doc_window(Q.dtype, tile, group_bound),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if k is not None:
         return out
@@ -521,7 +526,7 @@ def offline_builds():
             constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
                               BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
                               GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision,
-                              WINDOW=doc_window(dtype, tile.block_q, group))
+                              WINDOW=doc_window(dtype, tile, group))
             # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
             # use mma.sync or FMA, which the offline check does not ask of a dot
             builds.append(KernelBuild(

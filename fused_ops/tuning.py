@@ -30,6 +30,9 @@ from typing import Callable, Optional
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 SHARED_LIMIT = {"sm_90": 232448, "sm_100": 232448, "sm_120": 101376, "generic": 101376}
 FAMILY_CC = {"sm_90": 90, "sm_100": 100, "sm_120": 120}
+# kernel -> the kernel whose entry of the same bucket it takes in a file that has none of its own
+# (maxsim's top-k path runs the scoring path's kernel, on its own tile where one was tuned)
+ENTRY_FALLBACK = {"maxsim_topk": "maxsim"}
 
 
 def family_of(major: int, minor: int = 0) -> str:
@@ -135,9 +138,11 @@ def lookup(kernel: str, bucket: str, device_name: str, family: str) -> tuple[Opt
     if os.environ.get("FUSED_OPS_FALLBACK_CONFIGS") == "1":
         return None, "fallback (FUSED_OPS_FALLBACK_CONFIGS=1)"
     for path, data in config_files(device_name, family):
-        entry = data.get("kernels", {}).get(kernel, {}).get(bucket)
-        if entry is not None:
-            return entry, f"{os.path.basename(path)} ({data.get('source', '?')}, triton {data.get('triton', '?')})"
+        for name in (kernel, ENTRY_FALLBACK.get(kernel)):
+            entry = data.get("kernels", {}).get(name, {}).get(bucket)
+            if entry is not None:
+                whose = "" if name == kernel else f", {name}'s entry"
+                return entry, f"{os.path.basename(path)} ({data.get('source', '?')}, triton {data.get('triton', '?')}{whose})"
     return None, "built-in fallback (no JSON entry)"
 
 

@@ -26,6 +26,18 @@ SHAPE = (16, 32, 1_000_000, 128, 100, 128, 128)       # Nq, Lq, Nd, Ld, lo, hi, 
 K = 100
 
 
+def _with_window(window: int, run):
+    """run with maxsim.doc_window giving `window` (compare WINDOW choices on one tile)."""
+    def windowed():
+        chosen = maxsim.doc_window
+        maxsim.doc_window = lambda *args: window
+        try:
+            return run()
+        finally:
+            maxsim.doc_window = chosen
+    return windowed
+
+
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     before = importlib.import_module(sys.argv[2]) if len(sys.argv) > 2 else None
@@ -53,6 +65,8 @@ def main() -> None:
         runs[f"maxsim_topk {cfg}"] = lambda cfg=cfg: maxsim.launch_maxsim_topk(Q, D, K, None, lengths, "sum", cfg)
     wide = maxsim.choose_config(n_queries, q_tokens, n_docs, dim, Q.dtype, *limits, tiling=topk_tiling)
     runs[f"maxsim {wide}"] = lambda: maxsim.launch_maxsim(Q, D, None, lengths, "sum", wide)
+    # the top-k tile with per-window row sums, where doc_window gives per-document sums
+    runs["maxsim_topk, WINDOW 16"] = _with_window(16, runs["maxsim_topk"])
     want = reference.ranked_topk(runs["maxsim"](), K)
     for name, run in runs.items():
         if name.startswith("maxsim_topk"):

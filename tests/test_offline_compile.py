@@ -81,7 +81,8 @@ def _launches(kernel, entry, bucket) -> list:
 
 
 SHIPPED = [(kernel, targets, stem, bucket, entry)
-           for kernel in ("moe_experts", "layernorm_linear", "maxsim", "fused_router", "softmax_laplace", "topk_gating")
+           for kernel in ("moe_experts", "layernorm_linear", "maxsim", "maxsim_topk", "fused_router", "softmax_laplace",
+                          "topk_gating")
            for targets, stem, bucket, entry in tuning.shipped_buckets(kernel)]
 
 

@@ -223,6 +223,8 @@ def test_maxsim_topk_takes_its_own_entry_and_scoring_keeps_its_own(config_dir, m
     import fused_ops
     name, family = tuning.current_device()
     _write(config_dir, family, family, "maxsim", "d128_rows8", asdict(MS.Tiling(16, 16, 4, 2)))
+    entry, source = tuning.lookup("maxsim_topk", "d128_rows8", name, family)     # none of its own: maxsim's
+    assert entry == asdict(MS.Tiling(16, 16, 4, 2)) and "maxsim's entry" in source
     _write(config_dir, family, family, "maxsim_topk", "d128_rows8", asdict(MS.Tiling(32, 32, 2, 3)))
     log = _LaunchLog(monkeypatch, MS, "maxsim_kernel")
     Q, D = rand(2, 3, 16, dtype=torch.bfloat16), rand(40, 40, 16, dtype=torch.bfloat16)
