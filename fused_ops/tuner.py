@@ -36,8 +36,10 @@ def _local_bytes(run) -> int:
 
     def record(metadata):
         size = ctypes.c_int()
-        cuda.cuFuncGetAttribute(ctypes.byref(size), CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
-                                ctypes.c_void_p(metadata.get()["function"]))
+        status = cuda.cuFuncGetAttribute(ctypes.byref(size), CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+                                         ctypes.c_void_p(metadata.get()["function"]))
+        if status:
+            raise RuntimeError(f"cuFuncGetAttribute(LOCAL_SIZE_BYTES) returned CUDA error {status}")
         found[0] = max(found[0], size.value)
 
     knobs.runtime.launch_enter_hook.add(record)
