@@ -320,6 +320,19 @@ def test_tuner_skips_failures_and_rejects_wrong_winners(tmp_path, monkeypatch):
     assert [r["ms"] for r in log if "spills registers: 64 bytes" in r.get("error", "")] == [1.5]
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="reads a compiled kernel's local memory from the CUDA driver")
+def test_tuner_reads_register_spills_from_the_driver():
+    """The maxsim top-k kernel at 256 x 64 / 4 warps spills (the offline compile shows 40-72 bytes a
+    thread on sm_90); at 128 x 64 / 4 warps it does not."""
+    Q, D = rand(16, 32, 128, dtype=torch.bfloat16), rand(1100, 64, 128, dtype=torch.bfloat16)
+    sizes = {}
+    for block_q in (256, 128):          # the tuning shape's k and groups (k = 100 needs 200 documents a group)
+        tile = MS.Tile(block_q, 64, 4)
+        cfg = MS.MaxSimConfig(block_q, 64, MS.topk_group_bound(tile, MS._Rows.of(block_q, 16, 32).qpb_pad), 4, 3)
+        sizes[block_q] = tuner._local_bytes(lambda: MS.launch_maxsim_topk(Q, D, 100, None, None, "sum", cfg))
+    assert sizes[256] > 0 and sizes[128] == 0, sizes
+
+
 # ---------------------------------------------------------------------------------------------
 # softmax_laplace and topk_gating (whole rows per program; softmax's online kernel past 32K)
 # ---------------------------------------------------------------------------------------------
