@@ -324,7 +324,7 @@ def doc_window(dtype: torch.dtype, tile: Tile, group_bound: int) -> int:
     sums. 0 (a sum per document) for float32, and on the top-k path (large groups) for tiles
     taller than 128 rows or whose S tile alone takes 128 registers a thread: ptxas spills the
     windows' registers there (sm_120 for the tall tiles; triton 3.9 on sm_90 for 128 x 128 at 4
-    warps)."""
+    warps: perf/results/offline/maxsim_topk_window_spills.txt)."""
     s_registers = tile.block_q * tile.block_d // (32 * tile.num_warps)
     if dtype == torch.float32 or (group_bound > SCORE_GROUP and (tile.block_q > 128 or s_registers >= 128)):
         return 0

@@ -393,10 +393,11 @@ def make_config(E: int, K: int, tiling: RouterTiling) -> dict:
     block_k = max(16, min(tiling.block_k, pow2(k_chunk)))
     use_dot = tiling.raw_dot or tiling.block_m >= 16
     block_e = raw_dot_block_e(E) if tiling.raw_dot else max(16, pow2(E)) if use_dot else pow2(E)
-    block_m = SPLIT_ROWS if tiling.raw_dot and triton.cdiv(K, k_chunk) > 1 else tiling.block_m
+    n_splits = triton.cdiv(K, k_chunk)
+    block_m = SPLIT_ROWS if tiling.raw_dot and n_splits > 1 else tiling.block_m
     return dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k,
                 EVEN_K=k_chunk % block_k == 0 and K % block_k == 0, USE_DOT=use_dot, RAW_DOT=tiling.raw_dot,
-                STAGES=tiling.num_stages, SPLITS=triton.cdiv(K, k_chunk), k_chunk=k_chunk,
+                STAGES=tiling.num_stages, SPLITS=n_splits, k_chunk=k_chunk,
                 num_warps=tiling.num_warps)
 
 
