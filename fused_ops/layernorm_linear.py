@@ -21,7 +21,7 @@ Kernels
   version and cached, and tiles in grouped program order:
   - 16-bit: a plain pipelined GEMM on raw x, y = rstd * (x @ W'^T - mean * W' 1) + W @ beta + bias,
     with W' = W * gamma folded and cached beside the sums, and (mean, rstd) from a stats pass that
-    reads x once (row_stats_kernel, ~6% of the GEMM at 8192 x 8320 x 4096). Both operands go
+    reads x once (row_stats_kernel, ~5% of the GEMM at 8192 x 8320 x 4096). Both operands go
     straight from memory (TMA on sm_90/sm_100) to the tensor cores. Without the pivot the fp32
     accumulator carries x's mean: acc and mean * W' 1 each round by ~2^-24 |mean| |W'|, relative to
     an output of size std |W'|, a loss of ~2^-24 sqrt(K / BLOCK_K) |mean| / std. A 16-bit row whose
@@ -67,8 +67,13 @@ def row_pivot(x_rows, K, BLOCK_K: tl.constexpr):
     with round-to-nearest (GPU fp32 `/` may land an ulp off), so a constant 16-bit row's pivot is
     its value exactly and its shifted sums are exactly 0 (the constant-row rstd = 0 rule)."""
     col = tl.arange(0, BLOCK_K)
-    x = tl.load(x_rows[:, None] + col[None, :], mask=col[None, :] < K, other=0.0).to(tl.float32)
-    return tl.math.div_rn(tl.sum(x, axis=1), tl.minimum(K, BLOCK_K).to(tl.float32))
+    return tile_pivot(tl.load(x_rows[:, None] + col[None, :], mask=col[None, :] < K, other=0.0), K, BLOCK_K)
+
+
+@triton.jit
+def tile_pivot(first_tile, K, BLOCK_K: tl.constexpr):
+    """row_pivot from the rows' first [*, BLOCK_K] tile, already loaded (zero past K)."""
+    return tl.math.div_rn(tl.sum(first_tile.to(tl.float32), axis=1), tl.minimum(K, BLOCK_K).to(tl.float32))
 
 
 @triton.jit
@@ -304,22 +309,30 @@ def weight_sums_kernel(w_ptr, g_ptr, b_ptr, bias_ptr, sums_ptr, folded_ptr, N, K
 
 
 @triton.jit
-def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def add_shifted_sums(x_rows, kk, K, pivot, s1, s2):
+    """(s1 + (x - pivot), s2 + (x - pivot)^2) per lane for the rows' columns kk (none past K)."""
+    x = tl.load(x_rows[:, None] + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
+    xs = tl.where((kk < K)[None, :], x - pivot[:, None], 0.0)
+    return s1 + xs, s2 + xs * xs
+
+
+@triton.jit
+def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):
     """stats[0] = row mean, stats[1] = rstd, or 0 for a constant row (every x equal to the pivot:
     LN(x) = beta exactly, and the folded gemm's rounding must not be amplified by 1/sqrt(eps)).
-    The sums stay per lane until the end: no cross-thread reduction inside the streaming loop."""
+    The first tile gives both the pivot (row_pivot's, without a second load) and the first sums; the
+    loop's loads are pipelined STAGES deep. The sums stay per lane until the end: no cross-thread
+    reduction inside the streaming loop."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     x_rows = row_starts(x_ptr, row, M, stride_x)
-    pivot = row_pivot(x_rows, K, BLOCK_K)
-    s1 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     lane = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + lane
-        x = tl.load(x_rows[:, None] + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
-        xs = tl.where((kk < K)[None, :], x - pivot[:, None], 0.0)
-        s1 += xs
-        s2 += xs * xs
+    x = tl.load(x_rows[:, None] + lane[None, :], mask=(lane < K)[None, :], other=0.0).to(tl.float32)
+    pivot = tile_pivot(x, K, BLOCK_K)
+    s1 = tl.where((lane < K)[None, :], x - pivot[:, None], 0.0)
+    s2 = s1 * s1
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+        s1, s2 = add_shifted_sums(x_rows, k0 + lane, K, pivot, s1, s2)
     s2 = tl.sum(s2, axis=1)
     d, rstd = ln_stats(tl.sum(s1, axis=1), s2, K, eps)
     tl.store(stats_ptr + row, pivot + d, mask=row < M)
@@ -599,7 +612,9 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
     return sums, folded
 
 
-STATS_BLOCK_M, STATS_BLOCK_K = 2, 1024    # row_stats: 4096 programs at M = 8192, 16 values per thread
+# row_stats: 4096 two-warp programs at M = 8192, 16 values per thread, loads 4 deep (H200, 8192 x 8320:
+# 0.045 ms against 0.059 unpipelined, the fastest of eight tilings in ln_stats_pass.txt)
+STATS_BLOCK_M, STATS_BLOCK_K, STATS_STAGES, STATS_WARPS = 2, 512, 4, 2
 def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
     """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config."""
     M, K = x.shape
@@ -614,7 +629,7 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
         stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
         row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
             x, stats, M, K, x.stride(0), eps, BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
-            num_warps=4)
+            STAGES=STATS_STAGES, num_warps=STATS_WARPS)
         tma = tma_ok(x, w)
         x_desc, w_desc = x, w
         if tma:
@@ -714,7 +729,8 @@ def offline_builds():
                                        BLOCK_N=16, BLOCK_K=512),
                                   divisible=divisible_args(N=4096, K=K, stride_w=K)))
         builds.append(KernelBuild(f"ln_linear_row_stats_{dt}", row_stats_kernel, types,
-                                  dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=STATS_BLOCK_K),
+                                  dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=STATS_BLOCK_K, STAGES=STATS_STAGES),
+                                  num_warps=STATS_WARPS,
                                   divisible=divisible_args(M=8192, K=K, stride_x=K)))
         builds += _gemm_builds(dt, types, K)
     return builds

@@ -1,7 +1,8 @@
 """layernorm_linear at 8192 x 8320 x 4096 (bf16) against cuBLAS F.linear alone and F.layer_norm +
-F.linear, in alternating rounds (the H200's clocks fall under sustained GEMM load, and by how much
-depends on what ran before): the shipped path (row-statistics pass + folded gemm) at the tuned
-config and at the built-in fallback. Prints each contender's median, best and every round.
+F.linear, in alternating rounds whose order rotates (the H200's clocks fall under sustained GEMM
+load, and by how much depends on what ran before): the shipped path (row-statistics pass + folded
+gemm) at the tuned config and at the built-in fallback. Prints each contender's median, best and
+every round.
 
     python -m perf.ln_vs_cublas        (CUDA machine)
 """
@@ -19,7 +20,7 @@ from fused_ops import tuning
 LN = importlib.import_module("fused_ops.layernorm_linear")
 
 M, K, N = 8192, 8320, 4096
-ROUNDS = 9
+ROUNDS = 11
 
 
 def main() -> None:
@@ -39,9 +40,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"tuned {tuned}; fallback {fallback}")
     times = {name: [] for name in contenders}
-    for _ in range(ROUNDS):
-        for name, fn in contenders.items():
-            times[name].append(do_bench(fn, rep=100))
+    names = list(contenders)
+    for i in range(ROUNDS):                # each round starts one contender later: no fixed predecessor
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(do_bench(contenders[name], rep=100))
     cublas = sorted(times["cublas F.linear"])[ROUNDS // 2]
     for name, ms_list in times.items():
         ms = sorted(ms_list)[ROUNDS // 2]
