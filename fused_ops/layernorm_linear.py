@@ -615,6 +615,8 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
 # row_stats: 4096 two-warp programs at M = 8192, 16 values per thread, loads 4 deep (H200, 8192 x 8320:
 # 0.045 ms against 0.059 unpipelined, the fastest of eight tilings in ln_stats_pass.txt)
 STATS_BLOCK_M, STATS_BLOCK_K, STATS_STAGES, STATS_WARPS = 2, 512, 4, 2
+
+
 def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
     """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config."""
     M, K = x.shape
