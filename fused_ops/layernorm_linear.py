@@ -617,6 +617,29 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
 STATS_BLOCK_M, STATS_BLOCK_K, STATS_STAGES, STATS_WARPS = 2, 512, 4, 2
 
 
+def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float) -> None:
+    """stats [2, M] fp32 <- (mean, rstd) of each row of x [M, K] (row_stats_kernel)."""
+    M, K = x.shape
+    row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
+        x, stats, M, K, x.stride(0), eps, BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
+        STAGES=STATS_STAGES, num_warps=STATS_WARPS)
+
+
+def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig) -> None:
+    """y [M, N] <- the 16-bit gemm on x [M, K] and W' = folded [N, K], with the rows' stats
+    (launch_row_stats) and the weight's sums (weight_sums); tiles through TMA where it applies."""
+    M, K = x.shape
+    N = folded.shape[0]
+    tma = tma_ok(x, folded)
+    x_desc, w_desc = x, folded
+    if tma:
+        x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
+        w_desc = TensorDescriptor.from_tensor(folded, [cfg.block_n, cfg.block_k])
+    layernorm_linear_folded_gemm_kernel[(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)](
+        x, folded, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), folded.stride(0), y.stride(0), TMA=tma,
+        EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x), **gemm_constexprs(cfg), num_warps=cfg.num_warps)
+
+
 def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
     """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config."""
     M, K = x.shape
@@ -624,28 +647,16 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
     sums, folded = weight_sums(weight, ln_weight, ln_bias, bias)
     w = folded if folded is not None else rows(weight)
     cfg = config or pick_gemm_config(M, x.dtype, x.device)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    even_k = K % cfg.block_k == 0
-    tiles = dict(**gemm_constexprs(cfg), num_warps=cfg.num_warps)
     if folds_weight(w):
         stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
-        row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
-            x, stats, M, K, x.stride(0), eps, BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
-            STAGES=STATS_STAGES, num_warps=STATS_WARPS)
-        tma = tma_ok(x, w)
-        x_desc, w_desc = x, w
-        if tma:
-            x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
-            w_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k])
-        layernorm_linear_folded_gemm_kernel[grid](
-            x, w, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), TMA=tma,
-            EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), **tiles)
+        launch_row_stats(x, stats, eps)
+        launch_folded_gemm(x, w, stats, sums, y, cfg)
     else:
         g = contiguous_vector(ln_weight)
-        layernorm_linear_gemm_kernel[grid](
+        layernorm_linear_gemm_kernel[(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)](
             x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
-            HAS_GAMMA=g is not None, EVEN_K=even_k, DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype),
-            **tiles)
+            HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x),
+            PRECISION=dot_precision(x.dtype), **gemm_constexprs(cfg), num_warps=cfg.num_warps)
 
 
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):

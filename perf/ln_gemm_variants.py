@@ -71,18 +71,10 @@ def main() -> None:
     reference = F.linear(F.layer_norm(x.float(), (K,), gamma.float(), beta.float(), 1e-5), w.float(), bias.float())
 
     def stats_pass():
-        LN.row_stats_kernel[(triton.cdiv(M, LN.STATS_BLOCK_M),)](
-            x, stats, M, K, x.stride(0), 1e-5, BLOCK_M=LN.STATS_BLOCK_M, BLOCK_K=LN.STATS_BLOCK_K,
-            STAGES=LN.STATS_STAGES, num_warps=LN.STATS_WARPS)
+        LN.launch_row_stats(x, stats, 1e-5)
 
     def shipped(cfg):
-        x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
-        w_desc = TensorDescriptor.from_tensor(folded, [cfg.block_n, cfg.block_k])
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-        return lambda: LN.layernorm_linear_folded_gemm_kernel[grid](
-            x, folded, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), folded.stride(0), y.stride(0),
-            TMA=True, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, **LN.gemm_constexprs(cfg),
-            num_warps=cfg.num_warps)
+        return lambda: LN.launch_folded_gemm(x, folded, stats, sums, y, cfg)
 
     def persistent(cfg, flatten, tma_store):
         x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.testing import do_bench
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
 
@@ -87,13 +86,7 @@ def main() -> None:
     cfg = LN.pick_gemm_config(M, x.dtype, x.device)
 
     def gemm(xc, yc, stats):
-        x_desc = TensorDescriptor.from_tensor(xc, [cfg.block_m, cfg.block_k])
-        w_desc = TensorDescriptor.from_tensor(folded, [cfg.block_n, cfg.block_k])
-        mc = xc.shape[0]
-        LN.layernorm_linear_folded_gemm_kernel[(triton.cdiv(mc, cfg.block_m) * triton.cdiv(N, cfg.block_n),)](
-            xc, folded, x_desc, w_desc, stats, sums, yc, mc, N, K, xc.stride(0), folded.stride(0), yc.stride(0),
-            TMA=True, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, **LN.gemm_constexprs(cfg),
-            num_warps=cfg.num_warps)
+        LN.launch_folded_gemm(xc, folded, stats, sums, yc, cfg)
 
     side = torch.cuda.Stream()
 
