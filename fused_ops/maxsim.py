@@ -13,8 +13,10 @@ How the work is laid out
   offsets[n + 1] - offsets[n]), so both layouts share the kernel. Only real tokens are read, in
   BLOCK_D chunks; the chunks of a program's documents form one flat loop, so the load pipeline
   runs across document boundaries. S = Q_rows @ chunk^T stays on chip (fp32 accumulation, bf16/fp16
-  operands as they are); columns past the length become -inf before the running row max, and
-  rows of absent query tokens add 0 to the per-query sums (never -inf * 0).
+  operands as they are). A document's last chunk reads its last token again in the rows past
+  its length, so S has no padded column and needs no mask before the row max (a select per
+  element of S was a fifth of the loop's instructions: perf/maxsim_chunk_cost.py); rows of
+  absent query tokens add 0 to the per-query sums (never -inf * 0).
 - Per-document sums (16-bit): when a document ends, each row's max goes into a [BLOCK_Q, WINDOW]
   register tile, and the rows are summed per query once per WINDOW documents (the scoring path:
   once, after the loop; the top-k path, whose GROUP reaches 1024 documents: every 16). Summing
@@ -45,9 +47,8 @@ How the work is laid out
 Compiler notes (triton 3.6 and 3.9; fused_ops.offline builds every tile the launcher picks)
 - The chunk loop is the kernel's only loop: a loop over splits around the pipelined chunk loop
   cost 50-90 registers and made ptxas spill, so splits went to the grid.
-- Padding is masked on every chunk: a full-chunk shortcut (an `if` whose branches read the dot
-  result) makes triton 3.6's Hopper pipeliner fail ("PassManager::run failed" in
-  TritonGPUPipeline) for wgmma dots.
+- No branch reads S: one (a full-chunk shortcut, when S's columns were masked) made triton 3.6's
+  Hopper pipeliner fail ("PassManager::run failed" in TritonGPUPipeline) for wgmma dots.
 - Values wanted only after the loop are computed after it (see the end of the kernel): ptxas
   spills values that live through the loop unused to stay within a register-occupancy step.
 """
@@ -180,14 +181,18 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr,
         acc_rows = tl.zeros([BLOCK_Q, WINDOW], tl.float32)
         acc_windows = tl.zeros([QPB_PAD, GROUP // WINDOW, WINDOW], tl.float32)
     for _step in range(0, n_chunks):
-        real = t_off < length                                   # the chunk's real (unpadded) tokens
-        chunk = tl.load(d_ptr + first + (t_off[:, None] * DIM + k_off[None, :]),
-                        mask=real[:, None] & (k_off[None, :] < DIM), other=0.0)
+        # past the document's end, rows repeat its last token (the max is unchanged), so no column
+        # of S needs a mask; an empty document reads nothing and its maxima are set to -inf below
+        token = tl.minimum(t_off, length - 1)
+        has_rows = tl.zeros([BLOCK_D, 1], tl.int32) < length      # one test, in a shape tl.load takes
+        if DIM < BLOCK_K:
+            has_rows = has_rows & (k_off[None, :] < DIM)
+        chunk = tl.load(d_ptr + first + (token[:, None] * DIM + k_off[None, :]), mask=has_rows, other=0.0)
         if UPCAST:
             sim = tl.dot(q.to(tl.float32), tl.trans(chunk.to(tl.float32)), input_precision="ieee")
         else:
             sim = tl.dot(q, tl.trans(chunk), input_precision=PRECISION)
-        m = tl.maximum(m, tl.max(tl.where(real[None, :], sim, float("-inf")), axis=1))
+        m = tl.maximum(m, tl.where(length > 0, tl.max(sim, axis=1), float("-inf")))
         last = length <= BLOCK_D
         if last:                                                # add up the document's rows per query
             if WINDOW:

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .tuning import FAMILY_CC, SHARED_LIMIT as _FAMILY_SHARED
@@ -67,7 +68,7 @@ def _resource_usage(cubin: bytes) -> dict:
     return {k: int(v) for k, v in found.items()}
 
 
-def compile_build(build: KernelBuild, cc: int) -> BuildReport:
+def _compile(build: KernelBuild, cc: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -79,13 +80,35 @@ def compile_build(build: KernelBuild, cc: int) -> BuildReport:
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(build.kernel.arg_names)
              if signature[n].startswith("*") or n in build.divisible}
     src = ASTSource(build.kernel, signature, constexprs=dict(build.constexprs), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": build.num_warps, "num_stages": build.num_stages})
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": build.num_warps, "num_stages": build.num_stages})
+
+
+def compile_build(build: KernelBuild, cc: int) -> BuildReport:
+    compiled = _compile(build, cc)
     usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     instruction = DOT_INSTRUCTION[cc] if DOT_INSTRUCTION[cc] in ptx else ""
     return BuildReport(build.name, cc, shared=compiled.metadata.shared, registers=usage.get("REG", 0),
                        stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0), dot_instruction=instruction)
+
+
+def loop_opcodes(build: KernelBuild, cc: int) -> Counter:
+    """Opcode counts of the machine code in the build's longest loop (from the backward branch that
+    spans the most instructions to its target): what one trip of a kernel's main loop issues."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(_compile(build, cc).asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    code = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", sass)
+    at = [int(address, 16) for address, _, _ in code]
+    loops = [(target, here) for here, (_, op, operands) in zip(at, code) if op == "BRA"
+             for target in [int(m, 16) for m in re.findall(r"0x([0-9a-f]+)", operands)] if target < here]
+    if not loops:
+        return Counter()
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    return Counter(op for address, (_, op, _) in zip(at, code) if start <= address <= end)
 
 
 def all_builds() -> list[KernelBuild]:

@@ -65,8 +65,11 @@ def main() -> None:
         runs[f"maxsim_topk {cfg}"] = lambda cfg=cfg: maxsim.launch_maxsim_topk(Q, D, K, None, lengths, "sum", cfg)
     wide = maxsim.choose_config(n_queries, q_tokens, n_docs, dim, Q.dtype, *limits, tiling=topk_tiling)
     runs[f"maxsim {wide}"] = lambda: maxsim.launch_maxsim(Q, D, None, lengths, "sum", wide)
-    # the top-k tile with per-window row sums, where doc_window gives per-document sums
+    # the top-k tile and the scoring path's with per-window row sums, where doc_window gives
+    # per-document sums (tiles taller than 128 rows)
     runs["maxsim_topk, WINDOW 16"] = _with_window(16, runs["maxsim_topk"])
+    scores_tile_topk = maxsim.choose_config(n_queries, q_tokens, n_docs, dim, Q.dtype, *limits, K, scores_tiling)
+    runs[f"maxsim_topk {scores_tile_topk}, WINDOW 16"] = _with_window(16, runs[f"maxsim_topk {scores_tile_topk}"])
     want = reference.ranked_topk(runs["maxsim"](), K)
     for name, run in runs.items():
         if name.startswith("maxsim_topk"):
