@@ -328,8 +328,9 @@ def doc_window(dtype: torch.dtype, tile: Tile, group_bound: int) -> int:
     """The kernel's WINDOW: documents whose row maxima wait in registers before their per-query
     sums. 0 (a sum per document) for float32, and on the top-k path (large groups) for tiles
     taller than 128 rows or whose S tile alone takes 128 registers a thread: ptxas spills the
-    windows' registers there (sm_120 for the tall tiles; triton 3.9 on sm_90 for 128 x 128 at 4
-    warps: perf/results/offline/maxsim_topk_window_spills.txt)."""
+    windows' registers there (under triton 3.9: sm_100 for 256 x 64 at 8 warps, sm_90 for 128 x 128
+    at 4 warps: perf/results/offline/maxsim_topk_window_spills.txt; on the H200 the windows gain
+    the tall top-k tiles under 1%, perf/results/NVIDIA_H200/maxsim_topk_ab.txt run 7)."""
     s_registers = tile.block_q * tile.block_d // (32 * tile.num_warps)
     if dtype == torch.float32 or (group_bound > SCORE_GROUP and (tile.block_q > 128 or s_registers >= 128)):
         return 0

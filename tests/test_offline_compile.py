@@ -97,3 +97,19 @@ def test_every_shipped_json_entry_is_built_for_its_family(kernel, targets, stem,
                        and (stages is None or b.num_stages == stages)
                        and all(b.constexprs.get(k) == v for k, v in constexprs.items()) for b in BUILDS), \
                 f"{stem}.json {kernel} {bucket}: no build of {jit.__name__} {constexprs} for sm_{cc}"
+
+
+def test_maxsim_chunk_loop_masks_no_element_of_s():
+    """The chunk loop takes S's row maxima without a mask (a document's last chunk repeats its last
+    token): on the 256 x 64 / 8-warp scoring build for sm_90, fewer selects in one trip than S
+    has elements a thread (a select per element was how padding was masked before)."""
+    name = "maxsim_bf16_d128_scores_q8_BQ256_BD64_w8_s3"
+    code = ("import importlib, json; from fused_ops import offline; "
+            "ms = importlib.import_module('fused_ops.maxsim'); "
+            f"build = next(b for b in ms.offline_builds() if b.name == {name!r}); "
+            "print(json.dumps(offline.loop_opcodes(build, 90)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ops = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True).stdout)
+    assert ops.get("HGMMA", 0) > 0, ops
+    assert ops.get("FSEL", 0) < 256 * 64 // (8 * 32), ops
