@@ -23,7 +23,7 @@ How the work is laid out
   them as each document ends is a reduction across warps (shared memory and barriers) per
   document; without it, two 4-warp programs per SM overlap well (one's dot beside the other's row
   maxima): on the H200 the 128 x 64 tile at 4 warps went from 0.707 to 0.650 ms (Nq=16, Nd=10k)
-  and 0.670 to 0.587 ms (ColPali), and is the scoring path's tuned tile. float32 (WINDOW = 0)
+  and 0.670 to 0.587 ms (ColPali). float32 (WINDOW = 0)
   keeps the per-document sums, as do top-k tiles where the windows' registers would spill
   (doc_window).
 - Tokens are rows of d contiguous elements and every offset is a whole number of rows, so the
@@ -184,10 +184,10 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr,
         # past the document's end, rows repeat its last token (the max is unchanged), so no column
         # of S needs a mask; an empty document reads nothing and its maxima are set to -inf below
         token = tl.minimum(t_off, length - 1)
-        has_rows = tl.zeros([BLOCK_D, 1], tl.int32) < length      # one test, in a shape tl.load takes
+        mask = tl.zeros([BLOCK_D, 1], tl.int32) < length          # "any tokens": one test, in a shape tl.load takes
         if DIM < BLOCK_K:
-            has_rows = has_rows & (k_off[None, :] < DIM)
-        chunk = tl.load(d_ptr + first + (token[:, None] * DIM + k_off[None, :]), mask=has_rows, other=0.0)
+            mask = mask & (k_off[None, :] < DIM)
+        chunk = tl.load(d_ptr + first + (token[:, None] * DIM + k_off[None, :]), mask=mask, other=0.0)
         if UPCAST:
             sim = tl.dot(q.to(tl.float32), tl.trans(chunk.to(tl.float32)), input_precision="ieee")
         else:
@@ -324,15 +324,22 @@ def _stages(tile: Tile, max_dim: int, dtype: torch.dtype, smem_limit: int) -> in
     return 3 if tile_shared(tile, 3, max_dim, dtype) <= smem_limit else 2
 
 
-def doc_window(dtype: torch.dtype, tile: Tile, group_bound: int) -> int:
-    """The kernel's WINDOW: documents whose row maxima wait in registers before their per-query
-    sums. 0 (a sum per document) for float32, and on the top-k path (large groups) for tiles
-    taller than 128 rows or whose S tile alone takes 128 registers a thread: ptxas spills the
-    windows' registers there (under triton 3.9: sm_100 for 256 x 64 at 8 warps, sm_90 for 128 x 128
-    at 4 warps: perf/results/offline/maxsim_topk_window_spills.txt; on the H200 the windows gain
-    the tall top-k tiles under 1%, perf/results/NVIDIA_H200/maxsim_topk_ab.txt run 7)."""
+# (target, tile) pairs whose top-k builds spill with per-window sums under triton 3.9 although
+# the shape rule keeps the windows (perf/results/offline/maxsim_topk_window_spills.txt, session 8)
+WINDOW_SPILLS = {(120, Tile(32, 64, 2)), (100, Tile(128, 32, 8))}
+
+
+def doc_window(dtype: torch.dtype, tile: Tile, group_bound: int, cc: int) -> int:
+    """The kernel's WINDOW on a target (compute capability cc, 0 for the interpreter): documents
+    whose row maxima wait in registers before their per-query sums. 0 (a sum per document) for
+    float32, and on the top-k path (large groups) for tiles taller than 128 rows, tiles whose S
+    tile alone takes 128 registers a thread, and WINDOW_SPILLS: ptxas spills the windows'
+    registers there (under triton 3.9: sm_100 for 256 x 64 at 8 warps, sm_90 for 128 x 128 at 4
+    warps: perf/results/offline/maxsim_topk_window_spills.txt; on the H200 the windows gain the
+    tall top-k tiles under 1%, perf/results/NVIDIA_H200/maxsim_topk_ab.txt run 7)."""
     s_registers = tile.block_q * tile.block_d // (32 * tile.num_warps)
-    if dtype == torch.float32 or (group_bound > SCORE_GROUP and (tile.block_q > 128 or s_registers >= 128)):
+    spills = tile.block_q > 128 or s_registers >= 128 or (cc, tile) in WINDOW_SPILLS
+    if dtype == torch.float32 or (group_bound > SCORE_GROUP and spills):
         return 0
     return min(group_bound, SCORE_GROUP)
 
@@ -349,6 +356,15 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
         return 4, 1 << 30
     props = torch.cuda.get_device_properties(device)
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 101376)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_cc(device: torch.device) -> int:
+    """Compute capability as 90, 100, 120; 0 for the interpreter."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _pick_tile(n_queries: int, q_tokens: int, tiles: list[Tile]) -> Tile:
@@ -450,7 +466,8 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
-            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype), WINDOW=doc_window(Q.dtype, tile, group_bound),
+            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype),
+            WINDOW=doc_window(Q.dtype, tile, group_bound, _device_cc(Q.device)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if k is not None:
         return out
@@ -529,18 +546,22 @@ def offline_builds():
                 sorted({1, pow2(min(MAX_QPB, tile.block_q))}), (False, True),
                 ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
             group = topk_group_bound(tile, qpb_pad) if topk else SCORE_GROUP
-            constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
-                              BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
-                              GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision,
-                              WINDOW=doc_window(dtype, tile, group))
-            # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
-            # use mma.sync or FMA, which the offline check does not ask of a dot
-            builds.append(KernelBuild(
-                f"maxsim_{dt}_d{dim}_{'topk' if topk else 'scores'}_q{qpb_pad}_BQ{tile.block_q}"
-                f"_BD{tile.block_d}_w{tile.num_warps}_s{tiling.num_stages}{'_tf32' if precision == 'tf32' else ''}",
-                maxsim_kernel, {**types, "out_ptr": "*i64" if topk else "*fp32"}, constexprs,
-                num_warps=tile.num_warps, num_stages=tiling.num_stages, targets=targets,
-                uses_dot=tile.block_q >= 64 and dtype != torch.float32))
+            windows = {}                                        # WINDOW -> the targets that build with it
+            for cc in targets:
+                windows.setdefault(doc_window(dtype, tile, group, cc), []).append(cc)
+            for window, window_targets in windows.items():
+                constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
+                                  BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
+                                  GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision,
+                                  WINDOW=window)
+                # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
+                # use mma.sync or FMA, which the offline check does not ask of a dot
+                builds.append(KernelBuild(
+                    f"maxsim_{dt}_d{dim}_{'topk' if topk else 'scores'}_q{qpb_pad}_BQ{tile.block_q}"
+                    f"_BD{tile.block_d}_w{tile.num_warps}_s{tiling.num_stages}{'_tf32' if precision == 'tf32' else ''}",
+                    maxsim_kernel, {**types, "out_ptr": "*i64" if topk else "*fp32"}, constexprs,
+                    num_warps=tile.num_warps, num_stages=tiling.num_stages, targets=tuple(window_targets),
+                    uses_dot=tile.block_q >= 64 and dtype != torch.float32))
     return builds
 
 

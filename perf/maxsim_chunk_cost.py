@@ -31,7 +31,7 @@ SHAPES = {"nq16": (16, 32, 10000, 300, 100, 300, 128), "colpali": (1, 1024, 1000
 # the kernel's clamped rows, and the masked columns they replaced
 MASKED = [
     ("token = tl.minimum(t_off, length - 1)", "token = t_off\n        real = t_off < length"),
-    ("mask=has_rows, other=0.0)", "mask=real[:, None] & (k_off[None, :] < DIM), other=0.0)"),
+    ("mask=mask, other=0.0)", "mask=real[:, None] & (k_off[None, :] < DIM), other=0.0)"),
     ('m = tl.maximum(m, tl.where(length > 0, tl.max(sim, axis=1), float("-inf")))',
      'm = tl.maximum(m, tl.max(tl.where(real[None, :], sim, float("-inf")), axis=1))'),
 ]
