@@ -330,7 +330,7 @@ WINDOW_SPILLS = {(120, Tile(32, 64, 2)), (100, Tile(128, 32, 8))}
 
 
 def doc_window(dtype: torch.dtype, tile: Tile, group_bound: int, cc: int) -> int:
-    """The kernel's WINDOW on a target (compute capability cc, 0 for the interpreter): documents
+    """The kernel's WINDOW on a target (its family's compute capability cc, 0 if none): documents
     whose row maxima wait in registers before their per-query sums. 0 (a sum per document) for
     float32, and on the top-k path (large groups) for tiles taller than 128 rows, tiles whose S
     tile alone takes 128 registers a thread, and WINDOW_SPILLS: ptxas spills the windows'
@@ -356,15 +356,6 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
         return 4, 1 << 30
     props = torch.cuda.get_device_properties(device)
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 101376)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_cc(device: torch.device) -> int:
-    """Compute capability as 90, 100, 120; 0 for the interpreter."""
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
 
 
 def _pick_tile(n_queries: int, q_tokens: int, tiles: list[Tile]) -> Tile:
@@ -467,7 +458,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
             UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype),
-            WINDOW=doc_window(Q.dtype, tile, group_bound, _device_cc(Q.device)),
+            WINDOW=doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC.get(tuning.device_family(Q.device), 0)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if k is not None:
         return out

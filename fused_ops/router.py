@@ -454,15 +454,6 @@ def _kernel_config(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: bo
     return make_config(E, K, fallback_tiling(M, E, K, n_sm, itemsize, raw_dot, family))
 
 
-@functools.lru_cache(maxsize=None)
-def device_family(device: torch.device) -> str:
-    """tuning's family name of a tensor's device ("generic" for the interpreter's CPU tensors);
-    cached: the launch path asks on every call."""
-    if device.type != "cuda":
-        return "generic"
-    return tuning.family_of(*torch.cuda.get_device_capability(device))
-
-
 def pick_config(M: int, E: int, K: int, x: torch.Tensor, raw_dot: bool) -> dict:
     """The launch config: a shipped tuned tiling for this bucket where one applies (narrow 16-bit
     gates, the shapes it was tuned on), else the built-in table."""
@@ -470,7 +461,7 @@ def pick_config(M: int, E: int, K: int, x: torch.Tensor, raw_dot: bool) -> dict:
         tiling = tuning.tuned_config("fused_router", router_bucket(M), tiling_from_json)
         if tiling is not None:
             return make_config(E, K, tiling)
-    return _kernel_config(M, E, K, sm_count(x.device), x.element_size(), raw_dot, device_family(x.device))
+    return _kernel_config(M, E, K, sm_count(x.device), x.element_size(), raw_dot, tuning.device_family(x.device))
 
 
 def has_w_halves(gate_weight) -> bool:
@@ -505,7 +496,7 @@ def launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gat
         n_sm, raw_dot = sm_count(x.device), raw_dot_ok(x2, gate_weight)
         pointers, flags, stride_w = _logit_args(x2, ln_weight, ln_bias, gate_weight, gate_bias, gating, raw_dot)
         cfg = dict(_kernel_config(max(M, 8 * n_sm), E, K, n_sm, x.element_size(), raw_dot,
-                                  device_family(x.device)))                                # no K slices
+                                  tuning.device_family(x.device)))                         # no K slices
         cfg.pop("SPLITS"), cfg.pop("k_chunk")
         router_logits_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(E, cfg["BLOCK_E"]))](
             *pointers, logits, M, E, K, x2.stride(0), stride_w, eps, **flags, **cfg)

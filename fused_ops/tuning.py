@@ -45,6 +45,16 @@ def family_of(major: int, minor: int = 0) -> str:
     return "generic"
 
 
+@functools.lru_cache(maxsize=None)
+def device_family(device) -> str:
+    """The family of a tensor's device ("generic" for the interpreter's CPU tensors); cached: the
+    launch paths ask on every call."""
+    if device.type != "cuda":
+        return "generic"
+    import torch
+    return family_of(*torch.cuda.get_device_capability(device))
+
+
 def device_key(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3' (the shipped file name)."""
     return "".join(c if c.isalnum() else "_" for c in name.strip())
