@@ -1,7 +1,7 @@
-"""Offline compile (no GPU) of the top-k MaxSim builds of shipped tilings at each WINDOW, reporting
-registers and spills: the evidence behind doc_window's per-document sums (WINDOW 0) on the top-k
-path for tiles whose S tile takes 128 registers a thread and for tiles taller than 128 rows. Run it
-under each Triton version in question:
+"""Offline compile (no GPU) of the top-k MaxSim builds of shipped tilings (16-bit, every d family)
+at each WINDOW, reporting registers and spills: the evidence behind doc_window's per-document sums
+(WINDOW 0) on the top-k path for tiles whose S tile takes 128 registers a thread, tiles taller than
+128 rows, and the (target, tile) pairs of WINDOW_SPILLS. Run it under each Triton version in question:
 
     python -m perf.maxsim_window_spills [block_q,block_d,warps,stages ...] [--cc 90,100,120]
 
@@ -23,9 +23,10 @@ DEFAULT_TILING = maxsim.Tiling(128, 128, 4, 2)
 
 def report(tiling, cc: int) -> None:
     print(f"triton {triton.__version__}, sm_{cc}, top-k builds of {tiling}")
-    builds = [b for b in maxsim.offline_builds() if b.constexprs["TOPK"] and b.constexprs["DIM"] == 128
+    # one build per name: a tiling's builds differ by target only in WINDOW, which is set here
+    builds = {b.name: b for b in maxsim.offline_builds() if b.constexprs["TOPK"] and "bf16" in b.name
               and (b.constexprs["BLOCK_Q"], b.constexprs["BLOCK_D"], b.num_warps, b.num_stages)
-              == (tiling.block_q, tiling.block_d, tiling.num_warps, tiling.num_stages) and "bf16" in b.name]
+              == (tiling.block_q, tiling.block_d, tiling.num_warps, tiling.num_stages)}.values()
     if not builds:
         print("  not a shipped tiling: no builds")
     for build in builds:
