@@ -32,20 +32,22 @@ How the work is laid out
 - Grid: document groups x row blocks, row blocks fastest, so the programs that read one
   document group run side by side and D comes from HBM about once per call (repeats hit L2).
 - maxsim_topk: groups grow to hundreds of documents; a program keeps its group's scores in
-  registers and writes only their top k per query, as int64 keys that order scores the way the
-  ranking does (ties to the lower index, NaN last) and name the document; a torch.topk over the
-  [Nq, groups * k] keys picks the final k (0.15 ms against 0.47 for ranked_topk's two stable
-  sorts of scores at Nq=16, Nd=1M, k=100 on the H200; the whole call 39.39 against 39.61 ms in one
-  run). A bitonic tl.topk in the kernel instead of topk_tile's k picks lost that gain and more
-  (40.31 against 40.25 ms for the old path in its run): perf/results/NVIDIA_H200/maxsim_topk_ab.txt.
-  The top-k path is tuned apart ("maxsim_topk" entries): on the H200 a 128 x 128 tile at 4 warps,
-  36.9 ms against 39.6 at the scoring path's 128 x 64 (same run).
+  registers, finds each query's k-th best by bisection over the order-preserving score keys
+  (topk.top_k_mask: a dozen-odd count passes; k picks of an int64 max took 35.6 against 34.0 ms
+  at Nq=16, Nd=1M, k=100 on the H200) and writes only those k, as int64 keys that order scores
+  the way the ranking does (ties to the lower index, NaN last) and name the document
+  (decode_keys); a torch.topk over the [Nq, groups * k] keys picks the final k (0.15 ms against
+  0.47 for ranked_topk's two stable sorts of scores). A bitonic tl.topk in the kernel lost to the
+  picks (40.31 against 40.25 ms in its run). The top-k path is tuned apart ("maxsim_topk"
+  entries), and its 8-warp tilings may cap registers at 128 a thread (Tiling.max_registers): the
+  score tile takes such a program past 128, and under it two programs share an SM (on the H200
+  the 256 x 64 tile went from 36.6 to 31.7 ms). perf/results/NVIDIA_H200/maxsim_topk_ab.txt.
   The [Nq, Nd] scores are never written (unless k > group / 2 or a query is longer than BLOCK_Q).
 - Lengths and offsets are clamped to the tensor they index, so bad values (unchecked during
   CUDA-graph capture) can give wrong scores but never read out of bounds.
 
 Compiler notes (triton 3.6 and 3.9; fused_ops.offline builds every tile the launcher picks)
-- The chunk loop is the kernel's only loop: a loop over splits around the pipelined chunk loop
+- The chunk loop is the only loop around the dot: a loop over splits around the pipelined chunk loop
   cost 50-90 registers and made ptxas spill, so splits went to the grid.
 - No branch reads S: one (a full-chunk shortcut, when S's columns were masked) made triton 3.6's
   Hopper pipeliner fail ("PassManager::run failed" in TritonGPUPipeline) for wgmma dots.
@@ -56,7 +58,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -65,13 +67,13 @@ import triton.language as tl
 
 from . import reference, tuning
 from ._runtime import TL_DTYPE, dot_precision, dot_upcast, pow2, skips_dispatcher, use_triton
-from .topk import NAN_KEY, ordered_key, topk_tile
+from .topk import NAN_KEY, ordered_key, top_k_mask
 
 MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, QPB_PAD] ownership tile)
 SCORE_GROUP = 16                  # documents per program on the scoring path, at most
 TOPK_TILE_PER_THREAD = 16         # QPB_PAD * GROUP / threads: the top-k path's score tile in registers
 MAX_TOPK_GROUP = 1024             # documents per program on the top-k path, at most
-DOC_MASK = tl.constexpr(0xFFFFFFFF)   # the document index's bits in a candidate key (inverted)
+DOC_MASK = 0xFFFFFFFF             # the document index's bits in a candidate key (inverted)
 SMEM_SLACK = 4096                 # shared memory Triton needs besides the tiles (reduction scratch)
 
 
@@ -110,21 +112,12 @@ def _window_sums(acc_windows, acc_rows, window, j, row_ok):
 
 
 @triton.jit
-def candidate_keys(scores, doc):
-    """int64 keys in the order of maxsim_topk's ranking: the score's order-preserving int32 key
-    (NaN below every number) above the document index, inverted, so a larger key is a higher score
-    and, among equal scores, a lower document. Unique per document, so any top-k of them is exact
-    (decode_keys undoes them)."""
-    return (ordered_key(scores).to(tl.int64) << 32) | (doc.to(tl.int64) * -1 + DOC_MASK)
-
-
-@triton.jit
 def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr,
                   n_queries, n_docs, q_tokens, n_tokens, lq_tile, qpb, n_splits, group, k, q_rows, d_rows,
                   stride_os, stride_on,
                   DIM: tl.constexpr, PACKED: tl.constexpr, HAS_SPAN: tl.constexpr, HAS_Q_LEN: tl.constexpr,
                   MEAN: tl.constexpr, TOPK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_K: tl.constexpr, QPB_PAD: tl.constexpr, GROUP: tl.constexpr, K_PAD: tl.constexpr,
+                  BLOCK_K: tl.constexpr, QPB_PAD: tl.constexpr, GROUP: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr):
     """One program: `group` (<= GROUP) documents x one row block (qpb queries, or one split).
 
@@ -135,7 +128,7 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr,
     chunk does not depend on the dot, so the loads of later chunks are in flight while this one is
     scored. An empty document takes one fully masked chunk, which leaves its row maxima at -inf.
     TOPK: write the group's top k per query to out [Nq, groups * k] (int64 candidate keys, see
-    candidate_keys) instead of all scores.
+    decode_keys) instead of all scores.
     WINDOW (a power of two dividing GROUP, or 0): keep each row's max per document and sum the rows
     per query once per WINDOW documents, instead of as each document ends (0).
     """
@@ -226,11 +219,15 @@ def maxsim_kernel(q_ptr, d_ptr, span_ptr, q_len_ptr, out_ptr,
         else:
             acc = acc / q_tokens
 
-    if TOPK:
-        values, local = topk_tile(acc, col[None, :], live_doc[None, :], k, K_PAD)
-        slot = tl.arange(0, K_PAD)[None, :]
-        dst = query_q.to(tl.int64)[:, None] * stride_on + dg * k + slot
-        tl.store(out_ptr + dst, candidate_keys(values, n0 + local), mask=live_q[:, None] & (slot < k))
+    if TOPK:                      # columns past the group rank as NaN, behind its documents
+        key = ordered_key(tl.where(live_doc[None, :], acc, float("nan")))
+        chosen = top_k_mask(key, k) & live_q[:, None]
+        slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+        # each candidate key as its two int32 halves (little-endian): int64 arithmetic on the whole
+        # tile took 135 registers a thread where two 8-warp programs per SM need 128 or fewer
+        words = out_ptr.to(tl.pointer_type(tl.int32)) + 2 * (query_q.to(tl.int64)[:, None] * stride_on + dg * k + slot)
+        tl.store(words, ~(n0 + col[None, :]), mask=chosen)
+        tl.store(words + 1, key, mask=chosen)
     else:
         dst = split.to(tl.int64) * stride_os + query_q.to(tl.int64)[:, None] * stride_on + n0 + col[None, :]
         tl.store(out_ptr + dst, acc, mask=live_q[:, None] & live_doc[None, :])
@@ -255,6 +252,7 @@ class Tiling:
     block_d: int
     num_warps: int
     num_stages: int
+    max_registers: int = 0      # a cap per thread (ptxas' maxnreg), so two programs share an SM; 0: none
 
     @property
     def tile(self) -> Tile:
@@ -268,6 +266,7 @@ class MaxSimConfig:
     group: int          # documents per program (a runtime value; GROUP is its compile-time bound)
     num_warps: int
     num_stages: int
+    max_registers: int = 0      # as in Tiling
 
 
 @dataclass(frozen=True)
@@ -383,9 +382,13 @@ def choose_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: t
     work = n_docs * rows.n_blocks                  # (document, row block) pairs
     if k is None:           # ~8 programs per SM
         group = max(1, min(SCORE_GROUP, work // (8 * sms)))
-    else:                   # ~2 programs per SM, as many documents as the score tile holds
-        group = max(16, min(topk_group_bound(tile, rows.qpb_pad), work // (2 * sms)))
-    return MaxSimConfig(tile.block_q, tile.block_d, group, tile.num_warps, tiling.num_stages)
+    else:                   # up to as many documents as the score tile holds, in whole rounds of
+        # two programs per SM: a last round that leaves SMs idle cost 1-2% at Nd=1M (a program
+        # there is ~1/15 of the call)
+        bound, slots = topk_group_bound(tile, rows.qpb_pad), 2 * sms
+        groups = triton.cdiv(work, bound * slots) * slots // rows.n_blocks
+        group = max(16, min(bound, triton.cdiv(n_docs, max(1, groups))))
+    return MaxSimConfig(tile.block_q, tile.block_d, group, tile.num_warps, tiling.num_stages, tiling.max_registers)
 
 
 def tuning_bucket(n_queries: int, q_tokens: int, dim: int, dtype: torch.dtype) -> str:
@@ -397,6 +400,11 @@ def tuning_bucket(n_queries: int, q_tokens: int, dim: int, dtype: torch.dtype) -
 
 def tiling_from_json(entry: dict) -> Tiling:
     return Tiling(**entry)
+
+
+def tiling_to_json(tiling: Tiling) -> dict:
+    """The entry, without a register cap where there is none."""
+    return {name: value for name, value in asdict(tiling).items() if name != "max_registers" or value}
 
 
 def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: torch.dtype,
@@ -422,7 +430,7 @@ def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
-    """Scores [Nq, Nd] (k None) or top-k candidates ([Nq, groups * k] int64 keys, candidate_keys).
+    """Scores [Nq, Nd] (k None) or top-k candidates ([Nq, groups * k] int64 keys, decode_keys).
 
     D is [Nd, Ld, d] (spans = d_lengths or None) or packed [T, d] (spans = doc_offsets).
     A query longer than BLOCK_Q is scored in splits, one row block each, whose partial sums
@@ -456,10 +464,10 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             q_rows, d_rows, n_queries * n_docs, stride_on,
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
-            BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound, K_PAD=pow2(k or 1),
+            BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound,
             UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype),
             WINDOW=doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC.get(tuning.device_family(Q.device), 0)),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers or None)
     if k is not None:
         return out
     return out[0] if rows.n_splits == 1 else out.sum(0)
@@ -487,12 +495,15 @@ def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum",
 
 
 def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores float32, document indices int64) of candidate_keys' int64 keys; the score half is
-    topk.key_value's inverse map, on the host."""
+    """(scores float32, document indices int64) of the kernel's candidate keys: int64 keys in the
+    order of maxsim_topk's ranking, the score's order-preserving int32 key (topk.ordered_key: NaN
+    below every number) above the document index, inverted, so a larger key is a higher score and,
+    among equal scores, a lower document. Unique per document, so any top-k of them is exact. The
+    score half is topk.key_value's inverse map, on the host."""
     high = (keys >> 32).to(torch.int32)
     bits = torch.where(high >= 0, high, high ^ 0x7FFFFFFF)
     scores = bits.view(torch.float32).masked_fill(high == NAN_KEY.value, float("nan"))
-    return scores, DOC_MASK.value - (keys & DOC_MASK.value)
+    return scores, DOC_MASK - (keys & DOC_MASK)
 
 
 # one (dtype, d) per tile family: its largest d, which the offline check builds each tile at
@@ -543,15 +554,17 @@ def offline_builds():
             for window, window_targets in windows.items():
                 constexprs = dict(DIM=dim, PACKED=not topk, HAS_SPAN=True, HAS_Q_LEN=True, MEAN=False, TOPK=topk,
                                   BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
-                                  GROUP=group, K_PAD=group // 2 if topk else 1, UPCAST=False, PRECISION=precision,
+                                  GROUP=group, UPCAST=False, PRECISION=precision,
                                   WINDOW=window)
                 # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
                 # use mma.sync or FMA, which the offline check does not ask of a dot
                 builds.append(KernelBuild(
                     f"maxsim_{dt}_d{dim}_{'topk' if topk else 'scores'}_q{qpb_pad}_BQ{tile.block_q}"
-                    f"_BD{tile.block_d}_w{tile.num_warps}_s{tiling.num_stages}{'_tf32' if precision == 'tf32' else ''}",
+                    f"_BD{tile.block_d}_w{tile.num_warps}_s{tiling.num_stages}{'_tf32' if precision == 'tf32' else ''}"
+                    f"{f'_r{tiling.max_registers}' if tiling.max_registers else ''}",
                     maxsim_kernel, {**types, "out_ptr": "*i64" if topk else "*fp32"}, constexprs,
-                    num_warps=tile.num_warps, num_stages=tiling.num_stages, targets=tuple(window_targets),
+                    num_warps=tile.num_warps, num_stages=tiling.num_stages, max_registers=tiling.max_registers,
+                    targets=tuple(window_targets),
                     uses_dot=tile.block_q >= 64 and dtype != torch.float32))
     return builds
 

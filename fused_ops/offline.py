@@ -35,6 +35,7 @@ class KernelBuild:
     uses_dot: bool = False
     targets: tuple = TARGETS             # where this build ships (a config may be for one family only)
     divisible: tuple = ()                # int args the JIT would see as multiples of 16 (shapes, strides)
+    max_registers: int = 0               # ptxas' per-thread cap (maxnreg) the launch passes; 0: none
 
 
 @dataclass
@@ -47,10 +48,14 @@ class BuildReport:
     local: int
     dot_instruction: str                 # the DOT_INSTRUCTION found in the PTX, or "" if none
     notes: list = field(default_factory=list)
+    loop_spills: int = 0                 # spill stores and loads (STL, LDL) inside the machine code's loops
 
     @property
     def fits(self) -> bool:
-        return self.shared <= SHARED_LIMIT[self.cc] and self.stack == 0 and self.local == 0
+        """Within the target's shared memory, no local arrays, and no spill inside a loop. ptxas may
+        park a value that only the code after the main loop reads in the stack frame (one store and
+        one load a program): that costs nothing measurable, where a spill in a loop costs every trip."""
+        return self.shared <= SHARED_LIMIT[self.cc] and self.local == 0 and self.loop_spills == 0
 
 
 def _cuobjdump() -> str:
@@ -80,8 +85,10 @@ def _compile(build: KernelBuild, cc: int):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(build.kernel.arg_names)
              if signature[n].startswith("*") or n in build.divisible}
     src = ASTSource(build.kernel, signature, constexprs=dict(build.constexprs), attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": build.num_warps, "num_stages": build.num_stages})
+    options = {"num_warps": build.num_warps, "num_stages": build.num_stages}
+    if build.max_registers:
+        options["maxnreg"] = build.max_registers
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
 def compile_build(build: KernelBuild, cc: int) -> BuildReport:
@@ -89,26 +96,44 @@ def compile_build(build: KernelBuild, cc: int) -> BuildReport:
     usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     instruction = DOT_INSTRUCTION[cc] if DOT_INSTRUCTION[cc] in ptx else ""
+    loop_spills = 0
+    if usage.get("STACK", 0) or usage.get("LOCAL", 0):
+        code = _sass(compiled.asm["cubin"])
+        loop_spills = sum(op in ("STL", "LDL") for start, end in _loops(code) for at, op, _ in code if start <= at <= end)
     return BuildReport(build.name, cc, shared=compiled.metadata.shared, registers=usage.get("REG", 0),
-                       stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0), dot_instruction=instruction)
+                       stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0), dot_instruction=instruction,
+                       loop_spills=loop_spills)
+
+
+def _sass(cubin: bytes) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of each machine instruction."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    code = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", sass)
+    return [(int(address, 16), op, operands) for address, op, operands in code]
+
+
+def _loops(code) -> list[tuple[int, int]]:
+    """(target, branch) address spans of the loops: backward branches over no EXIT (ptxas puts
+    some blocks after the kernel's end, and their branches back span the whole kernel)."""
+    exits = [at for at, op, _ in code if op == "EXIT"]
+    return [(target, at) for at, op, operands in code if op == "BRA"
+            for target in [int(m, 16) for m in re.findall(r"0x([0-9a-f]+)", operands)]
+            if target < at and not any(target <= e <= at for e in exits)]
 
 
 def loop_opcodes(build: KernelBuild, cc: int) -> Counter:
     """Opcode counts of the machine code in the build's longest loop (from the backward branch that
     spans the most instructions to its target): what one trip of a kernel's main loop issues."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(_compile(build, cc).asm["cubin"])
-        f.flush()
-        sass = subprocess.run([_cuobjdump(), "--dump-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    code = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", sass)
-    at = [int(address, 16) for address, _, _ in code]
-    loops = [(target, here) for here, (_, op, operands) in zip(at, code) if op == "BRA"
-             for target in [int(m, 16) for m in re.findall(r"0x([0-9a-f]+)", operands)] if target < here]
+    code = _sass(_compile(build, cc).asm["cubin"])
+    loops = _loops(code)
     if not loops:
         return Counter()
     start, end = max(loops, key=lambda span: span[1] - span[0])
-    return Counter(op for address, (_, op, _) in zip(at, code) if start <= address <= end)
+    return Counter(op for at, op, _ in code if start <= at <= end)
 
 
 def all_builds() -> list[KernelBuild]:

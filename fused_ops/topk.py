@@ -64,6 +64,32 @@ def topk_tile(x, col, valid, k, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def top_k_mask(key, k):
+    """The k largest of each row of a [BM, BN] int32 key tile (k <= BN), ties at the k-th key to
+    the lowest columns: a bool mask. The k-th key is found by bisection over the key range
+    (count the keys at or above the middle, keep the half that holds it), which stops once a
+    row's count is exactly k: a dozen-odd passes of a compare and a sum where picking the k
+    winners one by one takes k passes of an int64 max and two selects."""
+    BN: tl.constexpr = key.shape[1]
+    lo = tl.min(key, axis=1).to(tl.int64)           # count(key >= lo) >= k
+    hi = tl.max(key, axis=1).to(tl.int64) + 1       # count(key >= hi) < k
+    n_lo = tl.full(lo.shape, BN, tl.int32)
+    while tl.max(((hi - lo > 1) & (n_lo != k)).to(tl.int32), axis=0) > 0:
+        mid = tl.where(n_lo == k, lo, lo + (hi - lo) // 2)      # a finished row stays where it is
+        n_mid = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        up = n_mid >= k
+        lo = tl.where(up, mid, lo)
+        hi = tl.where(up, hi, mid)
+        n_lo = tl.where(up, n_mid, n_lo)
+    # every key above lo, and of the keys equal to lo the first (k - those above)
+    threshold = lo.to(tl.int32)[:, None]
+    above = key > threshold
+    tied = (key == threshold).to(tl.int32)
+    room = k - tl.sum(above.to(tl.int32), axis=1)
+    return above | ((tied > 0) & (tl.cumsum(tied, axis=1) <= room[:, None]))
+
+
+@triton.jit
 def topk_gating_kernel(p_ptr, w_ptr, i_ptr, n_rows, n_cols, stride_p, k, RENORMALIZE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -6,6 +6,7 @@ and check one candidate (on CUDA; the reference on a slice of the output keeps c
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -212,6 +213,15 @@ def maxsim_space(family: str, shape: dict) -> list:
     return out
 
 
+def maxsim_topk_space(family: str, shape: dict) -> list:
+    """The scoring path's space, and its 8-warp tilings again with registers capped at 128 a
+    thread: the top-k path's score tile takes an 8-warp program past the 128 at which two programs
+    share an SM's register file (on the H200 the capped 256 x 64 tile went from 36.6 to 31.7 ms at
+    Nd=1M, without spills: perf/results/NVIDIA_H200/maxsim_topk_ab.txt run 8)."""
+    space = maxsim_space(family, shape)
+    return space + [dataclasses.replace(t, max_registers=128) for t in space if t.num_warps == 8]
+
+
 def maxsim_fits(tiling, family: str, shape: dict) -> bool:
     max_dim = maxsim._family(MAXSIM_DTYPE, shape["d"])[0]
     return (maxsim.tile_shared(tiling.tile, tiling.num_stages, max_dim, MAXSIM_DTYPE) <= tuning.SHARED_LIMIT[family]
@@ -249,7 +259,7 @@ def maxsim_fallback(shape: dict, family: str):
 
 tuning.register(tuning.Tunable(
     name="maxsim", space=maxsim_space, fits=maxsim_fits, bucket=maxsim_bucket, fallback=maxsim_fallback,
-    make_run=maxsim_make_run, parse=maxsim.tiling_from_json, shapes=MAXSIM_SHAPES))
+    make_run=maxsim_make_run, parse=maxsim.tiling_from_json, to_json=maxsim.tiling_to_json, shapes=MAXSIM_SHAPES))
 
 
 def maxsim_topk_make_run(shape: dict, tiling):
@@ -278,8 +288,9 @@ def maxsim_topk_make_run(shape: dict, tiling):
 # the top-k path's groups of hundreds of documents (scores held in registers) change which tile
 # is fastest; its entries are stored beside the scoring path's under the same buckets
 tuning.register(tuning.Tunable(
-    name="maxsim_topk", space=maxsim_space, fits=maxsim_fits, bucket=maxsim_bucket, fallback=maxsim_fallback,
-    make_run=maxsim_topk_make_run, parse=maxsim.tiling_from_json, shapes=MAXSIM_TOPK_SHAPES))
+    name="maxsim_topk", space=maxsim_topk_space, fits=maxsim_fits, bucket=maxsim_bucket, fallback=maxsim_fallback,
+    make_run=maxsim_topk_make_run, parse=maxsim.tiling_from_json, to_json=maxsim.tiling_to_json,
+    shapes=MAXSIM_TOPK_SHAPES))
 
 
 # ---------------------------------------------------------------------------------------------

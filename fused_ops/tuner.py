@@ -27,7 +27,8 @@ CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 3      # a thread's local memory: where ptx
 
 def _local_bytes(run) -> int:
     """The most local memory a thread of any Triton kernel that run() launches uses (nonzero: it
-    spills registers, which the offline check rejects too). Read from the driver at launch."""
+    spills registers; stricter than the offline check, which allows a value parked outside the
+    loops, as the driver does not say where the spill is). Read from the driver at launch."""
     import ctypes
 
     from triton import knobs

@@ -11,6 +11,7 @@ BEFORE_MODULE: an importable copy of an earlier fused_ops/maxsim.py (e.g. `git s
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 
@@ -24,18 +25,6 @@ from fused_ops.tunables import _maxsim_inputs
 maxsim = importlib.import_module("fused_ops.maxsim")
 SHAPE = (16, 32, 1_000_000, 128, 100, 128, 128)       # Nq, Lq, Nd, Ld, lo, hi, d
 K = 100
-
-
-def _with_window(window: int, run):
-    """run with maxsim.doc_window giving `window` (compare WINDOW choices on one tile)."""
-    def windowed():
-        chosen = maxsim.doc_window
-        maxsim.doc_window = lambda *args: window
-        try:
-            return run()
-        finally:
-            maxsim.doc_window = chosen
-    return windowed
 
 
 def main() -> None:
@@ -56,20 +45,19 @@ def main() -> None:
     }
     if before is not None:
         runs["maxsim_topk before"] = lambda: before.launch_maxsim_topk(Q, D, K, None, lengths, "sum", topk_cfg)
-    # each path at the other's tile: is the pair compared at their best?
+    # each path at the other's tile, and the scoring path's tile capped at 128 registers a thread
+    # (two 8-warp programs per SM where shared memory holds two): is the pair compared at their best?
     scores_tiling = maxsim.Tiling(scores_cfg.block_q, scores_cfg.block_d, scores_cfg.num_warps, scores_cfg.num_stages)
     topk_tiling = maxsim.Tiling(topk_cfg.block_q, topk_cfg.block_d, topk_cfg.num_warps, topk_cfg.num_stages)
     limits = maxsim._device_limits(Q.device)
-    for tiling in (scores_tiling, maxsim.Tiling(256, 64, 4, 3)):    # the second spills registers (offline check)
+    for tiling in (scores_tiling, dataclasses.replace(scores_tiling, max_registers=128)):
         cfg = maxsim.choose_config(n_queries, q_tokens, n_docs, dim, Q.dtype, *limits, K, tiling)
         runs[f"maxsim_topk {cfg}"] = lambda cfg=cfg: maxsim.launch_maxsim_topk(Q, D, K, None, lengths, "sum", cfg)
+        if before is not None and not tiling.max_registers:
+            runs[f"maxsim_topk before {cfg}"] = \
+                lambda cfg=cfg: before.launch_maxsim_topk(Q, D, K, None, lengths, "sum", cfg)
     wide = maxsim.choose_config(n_queries, q_tokens, n_docs, dim, Q.dtype, *limits, tiling=topk_tiling)
     runs[f"maxsim {wide}"] = lambda: maxsim.launch_maxsim(Q, D, None, lengths, "sum", wide)
-    # the top-k tile and the scoring path's with per-window row sums, where doc_window gives
-    # per-document sums (tiles taller than 128 rows)
-    runs["maxsim_topk, WINDOW 16"] = _with_window(16, runs["maxsim_topk"])
-    scores_tile_topk = maxsim.choose_config(n_queries, q_tokens, n_docs, dim, Q.dtype, *limits, K, scores_tiling)
-    runs[f"maxsim_topk {scores_tile_topk}, WINDOW 16"] = _with_window(16, runs[f"maxsim_topk {scores_tile_topk}"])
     want = reference.ranked_topk(runs["maxsim"](), K)
     for name, run in runs.items():
         if name.startswith("maxsim_topk"):

@@ -201,6 +201,22 @@ def test_topk_candidates_span_several_groups(group):
     assert_close(values, ref_values, torch.bfloat16)
 
 
+@pytest.mark.parametrize("k", [4, 12])
+def test_topk_ties_at_the_cut_inside_one_group(k):
+    """Ten equal best scores in one group of 32, cut by k: the kernel's threshold takes the tied
+    documents lowest index first."""
+    Q, D = rand(2, 3, 16, dtype=torch.bfloat16), rand(40, 5, 16, dtype=torch.bfloat16)
+    best = int(fused_ops.maxsim(Q[:1], D)[0].argmax())
+    D[3:13] = D[best]
+    config = MaxSimConfig(block_q=16, block_d=16, group=32, num_warps=4, num_stages=2)
+    values, indices = maxsim_module.launch_maxsim_topk(Q, D, k, config=config)
+    ref_values, ref_indices = reference.maxsim_topk(Q.double(), D.double(), k)
+    assert_topk_match(indices, ref_values, ref_indices)
+    assert_close(values, ref_values, torch.bfloat16)
+    tied = sorted({best, *range(3, 13)})
+    assert indices[0, :min(k, len(tied))].tolist() == tied[:k]
+
+
 def test_topk_of_split_queries():
     """Queries longer than BLOCK_Q are scored in splits whose sums add up outside the kernel, so
     their top-k goes through the full scores."""

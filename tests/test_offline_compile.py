@@ -1,5 +1,6 @@
 """Every shipped kernel config compiles for sm_90, sm_100 and sm_120, fits the target's shared
-memory per block, spills nothing, and (where it has dots) uses the target's matrix instructions.
+memory per block, spills nothing inside a loop (offline.BuildReport.fits), and (where it has dots)
+uses the target's matrix instructions.
 
 The compiler needs real (not interpreted) kernels, so the builds run in one subprocess without
 TRITON_INTERPRET; the tests read its reports.
@@ -34,11 +35,12 @@ def reports():
 
 
 @pytest.mark.parametrize("build, cc", CASES, ids=[f"{b.name}-sm_{cc}" for b, cc in CASES])
-def test_compiles_fits_and_does_not_spill(reports, build, cc):
+def test_compiles_fits_and_does_not_spill_in_loops(reports, build, cc):
     r = reports[(build.name, cc)]
     assert not r["notes"], f"compile failed: {r['notes']}"
     assert r["shared"] <= offline.SHARED_LIMIT[cc], f"{r['shared']} B shared > sm_{cc} limit"
-    assert r["stack"] == 0 and r["local"] == 0, f"spills: STACK {r['stack']}, LOCAL {r['local']}"
+    assert r["local"] == 0 and r["loop_spills"] == 0, \
+        f"spills: {r['loop_spills']} spill instructions in loops (STACK {r['stack']}, LOCAL {r['local']})"
     assert r["registers"] > 0
     if build.uses_dot:
         assert r["dot_instruction"] == offline.DOT_INSTRUCTION[cc], \
@@ -51,7 +53,8 @@ def test_every_op_module_lists_its_builds():
 
 
 def _launches(kernel, entry, bucket) -> list:
-    """(kernel, constexprs that must match, num_warps, num_stages) of each launch an entry makes."""
+    """(kernel, constexprs that must match, num_warps, num_stages[, register cap]) of each launch an
+    entry makes."""
     if kernel == "moe_experts":
         cfg = moe.config_from_json(entry)
         return [(k, dict(BLOCK_M=cfg.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m), g.num_warps,
@@ -77,7 +80,7 @@ def _launches(kernel, entry, bucket) -> list:
     tiling = MS.tiling_from_json(entry)
     dtype, dim = MS.bucket_family(bucket)
     return [(MS.maxsim_kernel, dict(DIM=dim, BLOCK_Q=tiling.block_q, BLOCK_D=tiling.block_d, TOPK=topk),
-             tiling.num_warps, tiling.num_stages) for topk in (False, True)]
+             tiling.num_warps, tiling.num_stages, tiling.max_registers) for topk in (False, True)]
 
 
 SHIPPED = [(kernel, targets, stem, bucket, entry)
@@ -90,11 +93,12 @@ SHIPPED = [(kernel, targets, stem, bucket, entry)
                          ids=[f"{k}-{stem}-{bucket}" for k, _, stem, bucket, _ in SHIPPED])
 def test_every_shipped_json_entry_is_built_for_its_family(kernel, targets, stem, bucket, entry):
     """Each launch a shipped entry makes is among the builds, for every target of its file's family
-    (so test_compiles_fits_and_does_not_spill proves it)."""
-    for jit, constexprs, warps, stages in _launches(kernel, entry, bucket):
+    (so test_compiles_fits_and_does_not_spill_in_loops proves it)."""
+    for jit, constexprs, warps, stages, *cap in _launches(kernel, entry, bucket):
+        registers = cap[0] if cap else 0
         for cc in targets:
             assert any(b.kernel is jit and cc in b.targets and b.num_warps == warps
-                       and (stages is None or b.num_stages == stages)
+                       and (stages is None or b.num_stages == stages) and b.max_registers == registers
                        and all(b.constexprs.get(k) == v for k, v in constexprs.items()) for b in BUILDS), \
                 f"{stem}.json {kernel} {bucket}: no build of {jit.__name__} {constexprs} for sm_{cc}"
 
