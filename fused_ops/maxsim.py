@@ -383,8 +383,8 @@ def choose_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: t
     if k is None:           # ~8 programs per SM
         group = max(1, min(SCORE_GROUP, work // (8 * sms)))
     else:                   # up to as many documents as the score tile holds, in whole rounds of
-        # two programs per SM: a last round that leaves SMs idle cost 1-2% at Nd=1M (a program
-        # there is ~1/15 of the call)
+        # two programs per SM: at Nd=1M a program is ~1/15 of the call, so a last round that left
+        # SMs idle would cost up to that (the gain was not timed apart)
         bound, slots = topk_group_bound(tile, rows.qpb_pad), 2 * sms
         groups = triton.cdiv(work, bound * slots) * slots // rows.n_blocks
         group = max(16, min(bound, triton.cdiv(n_docs, max(1, groups))))
