@@ -33,7 +33,7 @@ How the work is laid out
   document group run side by side and D comes from HBM about once per call (repeats hit L2).
 - maxsim_topk: groups grow to hundreds of documents; a program keeps its group's scores in
   registers, finds each query's k-th best by bisection over the order-preserving score keys
-  (topk.top_k_mask: a dozen-odd count passes; k picks of an int64 max took 35.6 against 34.0 ms
+  (topk.top_k_mask: at most 33 count passes; k picks of an int64 max took 35.6 against 34.0 ms
   at Nq=16, Nd=1M, k=100 on the H200) and writes only those k, as int64 keys that order scores
   the way the ranking does (ties to the lower index, NaN last) and name the document
   (decode_keys); a torch.topk over the [Nq, groups * k] keys picks the final k (0.15 ms against

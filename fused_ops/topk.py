@@ -68,8 +68,8 @@ def top_k_mask(key, k):
     """The k largest of each row of a [BM, BN] int32 key tile (k <= BN), ties at the k-th key to
     the lowest columns: a bool mask. The k-th key is found by bisection over the key range
     (count the keys at or above the middle, keep the half that holds it), which stops once a
-    row's count is exactly k: a dozen-odd passes of a compare and a sum where picking the k
-    winners one by one takes k passes of an int64 max and two selects."""
+    row's count is exactly k: at most 33 passes (the key range halves) of a compare and a sum,
+    where picking the k winners one by one takes k passes of an int64 max and two selects."""
     BN: tl.constexpr = key.shape[1]
     lo = tl.min(key, axis=1).to(tl.int64)           # count(key >= lo) >= k
     hi = tl.max(key, axis=1).to(tl.int64) + 1       # count(key >= hi) < k
