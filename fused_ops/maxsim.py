@@ -429,10 +429,11 @@ def _token_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, (t.stride(0) // d if t.dim() == 3 and t.shape[0] > 1 else 0)
 
 
-def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
+def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
     """Scores [Nq, Nd] (k None) or top-k candidates ([Nq, groups * k] int64 keys, decode_keys).
 
     D is [Nd, Ld, d] (spans = d_lengths or None) or packed [T, d] (spans = doc_offsets).
+    `checks` (deferred value checks of the arguments) are verified just before the launch.
     A query longer than BLOCK_Q is scored in splits, one row block each, whose partial sums
     [n_splits, Nq, Nd] add up in a fixed order (the top-k path takes unsplit queries only).
     """
@@ -458,6 +459,10 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
         q_len_ptr = Q if q_lengths is None else q_lengths.contiguous()
         # a D without elements (every document empty) may have a null pointer; its loads are all masked
         d_ptr = D if D.numel() else Q
+        window = doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC.get(tuning.device_family(Q.device), 0))
+    if checks is not None:
+        checks.verify()     # as late as this: the host work above overlapped the device's catching up
+    if n_queries and n_docs:
         maxsim_kernel[(n_groups * rows.n_blocks,)](
             Q, d_ptr, span_ptr, q_len_ptr, out,
             n_queries, n_docs, q_tokens, n_tokens, rows.lq_tile, rows.qpb, rows.n_splits, cfg.group, k or 0,
@@ -466,31 +471,32 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config):
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound,
             UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype),
-            WINDOW=doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC.get(tuning.device_family(Q.device), 0)),
+            WINDOW=window,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers or None)
     if k is not None:
         return out
     return out[0] if rows.n_splits == 1 else out.sum(0)
 
 
-def launch_maxsim(Q, D, q_lengths=None, d_lengths=None, reduction="sum", config=None) -> torch.Tensor:
-    return _launch(Q, D, d_lengths, False, q_lengths, reduction, None, config)
+def launch_maxsim(Q, D, q_lengths=None, d_lengths=None, reduction="sum", config=None, checks=None) -> torch.Tensor:
+    return _launch(Q, D, d_lengths, False, q_lengths, reduction, None, config, checks)
 
 
-def launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths=None, reduction="sum", config=None) -> torch.Tensor:
-    return _launch(Q, D_packed, doc_offsets, True, q_lengths, reduction, None, config)
+def launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths=None, reduction="sum", config=None,
+                         checks=None) -> torch.Tensor:
+    return _launch(Q, D_packed, doc_offsets, True, q_lengths, reduction, None, config, checks)
 
 
-def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum", config=None):
+def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum", config=None, checks=None):
     """Per-group top-k candidates in the kernel, then the final k; all scores only when k is
     too large for a group to shrink the candidates, or a query is longer than BLOCK_Q."""
     cfg = config or pick_config(Q.shape[0], Q.shape[1], D.shape[0], D.shape[2], Q.dtype, Q.device, k)
     if 2 * k > cfg.group or Q.shape[1] > cfg.block_q:
-        return reference.ranked_topk(_launch(Q, D, d_lengths, False, q_lengths, reduction, None, config), k)
+        return reference.ranked_topk(_launch(Q, D, d_lengths, False, q_lengths, reduction, None, config, checks), k)
     # keys are unique (one per document) and ordered as the ranking is, so torch.topk's choice
     # among them is exact. Slots past the end of a short last group hold NaN keys of documents
     # past Nd, behind every real candidate, and are never reached as k <= Nd.
-    keys = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, cfg)
+    keys = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, cfg, checks)
     return decode_keys(torch.topk(keys, k, dim=1).values)
 
 
@@ -577,6 +583,13 @@ def _kernel_ok(Q: torch.Tensor) -> bool:
     return use_triton(Q) and Q.dtype in TL_DTYPE
 
 
+def _direct(*tensors) -> bool:
+    """Whether the public op launches its kernel itself (no dispatcher, see skips_dispatcher),
+    verifying its deferred value checks just before the launch; else it verifies them first and
+    calls the registered op."""
+    return skips_dispatcher(*tensors) and _kernel_ok(tensors[0])
+
+
 def _maxsim(Q: torch.Tensor, D: torch.Tensor, q_lengths: Optional[torch.Tensor],
                d_lengths: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
     if _kernel_ok(Q):
@@ -628,22 +641,28 @@ def _(Q, D, k, q_lengths, d_lengths, reduction):
 def maxsim(Q: torch.Tensor, D: torch.Tensor, *, q_lengths: Optional[torch.Tensor] = None,
            d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
     """float32 scores [Nq, Nd] of queries Q [Nq, Lq, d] against padded documents D [Nd, Ld, d]."""
-    reference.check_maxsim(Q, D, q_lengths, d_lengths, reduction)
-    op = _maxsim if skips_dispatcher(Q, D, q_lengths, d_lengths) else _maxsim_op
-    return op(Q, D, q_lengths, d_lengths, reduction)
+    checks = reference.check_maxsim(Q, D, q_lengths, d_lengths, reduction, defer=True)
+    if _direct(Q, D, q_lengths, d_lengths):
+        return launch_maxsim(Q, D, q_lengths, d_lengths, reduction, checks=checks)
+    checks.verify()
+    return _maxsim_op(Q, D, q_lengths, d_lengths, reduction)
 
 
 def maxsim_varlen(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torch.Tensor, *,
                   q_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
     """float32 scores [Nq, Nd] against documents packed end to end in D_packed [T, d]."""
-    reference.check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction)
-    op = _maxsim_varlen if skips_dispatcher(Q, D_packed, doc_offsets, q_lengths) else _maxsim_varlen_op
-    return op(Q, D_packed, doc_offsets, q_lengths, reduction)
+    checks = reference.check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, defer=True)
+    if _direct(Q, D_packed, doc_offsets, q_lengths):
+        return launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, checks=checks)
+    checks.verify()
+    return _maxsim_varlen_op(Q, D_packed, doc_offsets, q_lengths, reduction)
 
 
 def maxsim_topk(Q: torch.Tensor, D: torch.Tensor, k: int, *, q_lengths: Optional[torch.Tensor] = None,
                 d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum"):
     """(scores float32 [Nq, k], indices int64 [Nq, k]): each query's k best documents, descending."""
-    reference.check_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction)
-    op = _maxsim_topk if skips_dispatcher(Q, D, q_lengths, d_lengths) else _maxsim_topk_op
-    return op(Q, D, k, q_lengths, d_lengths, reduction)
+    checks = reference.check_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction, defer=True)
+    if _direct(Q, D, q_lengths, d_lengths):
+        return launch_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction, checks=checks)
+    checks.verify()
+    return _maxsim_topk_op(Q, D, k, q_lengths, d_lengths, reduction)

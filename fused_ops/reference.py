@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._value_checks import ValueChecks
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 GATINGS = ("softmax", "laplace")
@@ -188,20 +189,19 @@ def check_moe_experts(x, weights, indices, w1, b1, w2, b2, activation, op="moe_e
         raise ValueError(f"{op}: `indices` must have at least one slot per token, got {tuple(indices.shape)}")
 
 
-def value_range(t: torch.Tensor) -> tuple[int, int]:
-    """(min, max) of a non-empty integer tensor with a single device->host copy."""
-    lo, hi = torch.stack([t.min(), t.max()]).tolist()
-    return lo, hi
-
-
 def check_indices_range(indices: torch.Tensor, num_experts: int, op="moe_experts") -> None:
     """Value check: costs a sync on CUDA, so callers do it only where a sync is allowed."""
     if indices.numel() == 0:
         return
-    lo, hi = value_range(indices)
-    if lo < 0 or hi >= num_experts:
-        raise ValueError(f"{op}: `indices` must lie in [0, {num_experts}) (E = w1.shape[0]), "
-                         f"got values in [{lo}, {hi}]")
+
+    def in_range(values):
+        lo, hi = values
+        if lo < 0 or hi >= num_experts:
+            return f"{op}: `indices` must lie in [0, {num_experts}) (E = w1.shape[0]), got values in [{lo}, {hi}]"
+
+    checks = ValueChecks()
+    checks.add(indices, lambda: torch.aminmax(indices), in_range)
+    checks.start().verify()
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -242,20 +242,34 @@ def moe_experts(x, weights, indices, w1, b1, w2, b2, *, activation="gelu_tanh"):
 # ---------------------------------------------------------------------------------------------
 # 6. MaxSim
 # ---------------------------------------------------------------------------------------------
-def _check_lengths(op, name, lengths, count, padded, min_value):
+def _check_lengths(checks, op, name, lengths, count, padded, min_value):
     if lengths is None:
         return
     C.tensor(op, name, lengths, ndim=1, kind="index")
     if lengths.shape[0] != count:
         raise ValueError(f"{op}: `{name}` must have shape ({count},), got {tuple(lengths.shape)}")
-    if lengths.numel() and C.can_sync(lengths):
-        lo, hi = value_range(lengths)
+    if not lengths.numel():
+        return
+
+    def in_range(values):
+        lo, hi = values
         if lo < min_value or hi > padded:
-            raise ValueError(f"{op}: `{name}` must lie in [{min_value}, {padded}] (the padded length), "
-                             f"got values in [{lo}, {hi}]")
+            return f"{op}: `{name}` must lie in [{min_value}, {padded}] (the padded length), got values in [{lo}, {hi}]"
+
+    checks.add(lengths, lambda: torch.aminmax(lengths), in_range)
 
 
-def check_maxsim(Q, D, q_lengths, d_lengths, reduction, op="maxsim"):
+def _started(checks, defer):
+    """The value checks, copy started; verified here unless the caller defers (see ValueChecks)."""
+    checks.start()
+    if not defer:
+        checks.verify()
+    return checks
+
+
+def check_maxsim(Q, D, q_lengths, d_lengths, reduction, op="maxsim", defer=False) -> ValueChecks:
+    """Raise on bad arguments. The lengths' range is read from the device: with defer the copy is
+    only started, and the caller verifies the returned checks before its kernel runs."""
     C.tensor(op, "Q", Q, ndim=3)
     C.tensor(op, "D", D, ndim=3)
     C.same_device(op, [("Q", Q), ("D", D), ("q_lengths", q_lengths), ("d_lengths", d_lengths)])
@@ -265,11 +279,14 @@ def check_maxsim(Q, D, q_lengths, d_lengths, reduction, op="maxsim"):
     if Q.shape[1] < 1:
         raise ValueError(f"{op}: `Q` must have at least one token per query, got {tuple(Q.shape)}")
     C.choice(op, "reduction", reduction, REDUCTIONS)
-    _check_lengths(op, "q_lengths", q_lengths, Q.shape[0], Q.shape[1], 1)
-    _check_lengths(op, "d_lengths", d_lengths, D.shape[0], D.shape[1], 0)
+    checks = ValueChecks()
+    _check_lengths(checks, op, "q_lengths", q_lengths, Q.shape[0], Q.shape[1], 1)
+    _check_lengths(checks, op, "d_lengths", d_lengths, D.shape[0], D.shape[1], 0)
+    return _started(checks, defer)
 
 
-def check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, op="maxsim_varlen"):
+def check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, op="maxsim_varlen",
+                        defer=False) -> ValueChecks:
     C.tensor(op, "Q", Q, ndim=3)
     C.tensor(op, "D_packed", D_packed, ndim=2)
     C.tensor(op, "doc_offsets", doc_offsets, ndim=1, kind="index")
@@ -283,22 +300,29 @@ def check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, op="maxs
     if doc_offsets.shape[0] < 1:
         raise ValueError(f"{op}: `doc_offsets` must have Nd + 1 >= 1 entries, got {tuple(doc_offsets.shape)}")
     C.choice(op, "reduction", reduction, REDUCTIONS)
-    _check_lengths(op, "q_lengths", q_lengths, Q.shape[0], Q.shape[1], 1)
-    if doc_offsets.numel() and C.can_sync(doc_offsets):
-        T = D_packed.shape[0]
-        # one device->host copy for all three facts
-        steps = doc_offsets[1:] - doc_offsets[:-1]
-        first, last, min_step = torch.stack([doc_offsets[0], doc_offsets[-1],
-                                             steps.min() if steps.numel() else doc_offsets[0] * 0]).tolist()
+    checks = ValueChecks()
+    _check_lengths(checks, op, "q_lengths", q_lengths, Q.shape[0], Q.shape[1], 1)
+    T = D_packed.shape[0]
+
+    def ordered_in_range(values):
+        first, last, min_step = values
         if first < 0 or last > T:
-            raise ValueError(f"{op}: `doc_offsets` must lie in [0, {T}] (D_packed rows), got first {first}, last {last}")
+            return f"{op}: `doc_offsets` must lie in [0, {T}] (D_packed rows), got first {first}, last {last}"
         if min_step < 0:
-            raise ValueError(f"{op}: `doc_offsets` must be non-decreasing, got a decrease")
+            return f"{op}: `doc_offsets` must be non-decreasing, got a decrease"
+
+    def scalars():
+        steps = doc_offsets[1:] - doc_offsets[:-1]
+        return doc_offsets[0], doc_offsets[-1], steps.min() if steps.numel() else doc_offsets[0] * 0
+
+    checks.add(doc_offsets, scalars, ordered_in_range)
+    return _started(checks, defer)
 
 
-def check_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction, op="maxsim_topk"):
-    check_maxsim(Q, D, q_lengths, d_lengths, reduction, op=op)
+def check_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction, op="maxsim_topk", defer=False) -> ValueChecks:
+    checks = check_maxsim(Q, D, q_lengths, d_lengths, reduction, op=op, defer=True)
     C.k_in_range(op, k, D.shape[0], "D.shape[0] (number of documents)")
+    return _started(checks, defer)
 
 
 def _maxsim(Q, D, q_lengths, d_lengths, reduction):

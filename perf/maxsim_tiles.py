@@ -4,7 +4,7 @@ space. Rounds alternate (clocks fall under sustained load); do_bench medians and
 tokens; every tiling's scores are checked against the first one's; a tiling that does not compile
 is reported as such.
 
-    python -m perf.maxsim_tiles [block_q,block_d,warps,stages ...]        (CUDA machine)
+    python -m perf.maxsim_tiles [block_q,block_d,warps,stages[,max_registers] ...]        (CUDA machine)
 """
 from __future__ import annotations
 

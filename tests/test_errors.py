@@ -54,6 +54,8 @@ CASES = [
     ("maxsim_negative_len", lambda: fused_ops.maxsim(Q, D, d_lengths=torch.tensor([1, -1, 2, 3, 4], device=DEVICE)), ValueError, ["d_lengths", "-1"]),
     ("maxsim_len_above_pad", lambda: fused_ops.maxsim(Q, D, d_lengths=torch.tensor([1, 8, 2, 3, 4], device=DEVICE)), ValueError, ["d_lengths", "8"]),
     ("maxsim_q_len_zero", lambda: fused_ops.maxsim(Q, D, q_lengths=torch.tensor([0, 3], device=DEVICE)), ValueError, ["q_lengths"]),
+    ("topk_len_above_pad", lambda: fused_ops.maxsim_topk(Q, D, 2, d_lengths=torch.tensor([1, 9, 2, 3, 4], device=DEVICE, dtype=torch.int32)), ValueError, ["d_lengths", "9"]),
+    ("varlen_q_len_above", lambda: fused_ops.maxsim_varlen(Q, R(9, 16), torch.tensor([0, 5, 9], device=DEVICE), q_lengths=torch.tensor([1, 4], device=DEVICE)), ValueError, ["q_lengths", "4"]),
     ("maxsim_len_dtype", lambda: fused_ops.maxsim(Q, D, d_lengths=torch.ones(5, device=DEVICE)), TypeError, ["d_lengths", "int"]),
     ("maxsim_devices", lambda: fused_ops.maxsim(Q, meta(5, 7, 16)), ValueError, ["device"]),
     ("varlen_decreasing", lambda: fused_ops.maxsim_varlen(Q, R(9, 16), torch.tensor([0, 5, 3, 9], device=DEVICE)), ValueError, ["doc_offsets", "non-decreasing"]),
