@@ -1,8 +1,10 @@
-"""Launch plans: eager calls at small sizes without re-deriving a launch each time.
+"""Launch plans: repeated eager calls without re-deriving a launch each time.
 
 An eager call at a few rows is bound by the CPU: deriving the config, the cached parameter terms,
 the scratch and the launch arguments, then Triton's binding and cache lookup, cost tens of
-microseconds against a kernel of a few. A plan keeps what a launch derived from everything but
+microseconds against a kernel of a few (fused_router). Where a call must sync with the device
+first (MaxSim's range checks), that host work after the sync leaves the GPU idle, whatever the
+kernel's length (maxsim). A plan keeps what a launch derived from everything but
 its per-call tensors: the compiled kernel, the grid, and the kernel's arguments in signature
 order. A later call with the same key (the caller's: stream, shapes, strides, dtypes, alignment,
 scalars, parameter identities) checks that the parameters are still the same tensors at the same
@@ -48,6 +50,7 @@ class Plan:
     grid: tuple
     args: list              # every kernel argument in signature order, constexprs included
     slots: tuple            # positions in `args` of the per-call tensors, in the caller's order
+    extra: tuple = ()       # what else the caller keeps with the plan (e.g. its output's shape)
 
     def launch(self, *tensors) -> None:
         args = list(self.args)
@@ -69,7 +72,7 @@ class LaunchPlans:
         plan = self._plans.get(key)
         return plan if plan is not None and same_stamp(plan.stamp, params) else None
 
-    def record(self, key, params, compiled, grid, args: tuple, kwargs: dict, slots: tuple) -> None:
+    def record(self, key, params, compiled, grid, args: tuple, kwargs: dict, slots: tuple, extra: tuple = ()) -> None:
         """Keep the launch just made (`compiled` is what kernel[grid](*args, **kwargs) returned);
         `slots` names the per-call tensor arguments."""
         stamp = version_stamp(params)
@@ -78,7 +81,7 @@ class LaunchPlans:
         names = self.kernel.arg_names
         by_name = dict(zip(names, args), **{n: v for n, v in kwargs.items() if n in names})
         plan = Plan(stamp, compiled, tuple(grid) + (1,) * (3 - len(grid)), [by_name[n] for n in names],
-                    tuple(names.index(s) for s in slots))
+                    tuple(names.index(s) for s in slots), extra)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > MAX_PLANS:

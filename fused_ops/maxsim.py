@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from . import reference, tuning
+from .launch_plans import LaunchPlans, current_stream, plans_apply
 from ._runtime import TL_DTYPE, dot_precision, dot_upcast, pow2, skips_dispatcher, use_triton
 from .topk import NAN_KEY, ordered_key, top_k_mask
 
@@ -436,9 +437,30 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
     `checks` (deferred value checks of the arguments) are verified just before the launch.
     A query longer than BLOCK_Q is scored in splits, one row block each, whose partial sums
     [n_splits, Nq, Nd] add up in a fixed order (the top-k path takes unsplit queries only).
+    A repeated eager call without a given config launches the compiled kernel its first call kept
+    (launch_plans.py), skipping the config choice and Triton's argument binding.
     """
     n_queries, q_tokens, dim = Q.shape
     n_docs = spans.shape[0] - 1 if packed else D.shape[0]
+    pointers = key = None
+    if n_queries and n_docs:
+        Q, q_rows = _token_rows(Q)
+        D, d_rows = _token_rows(D)
+        spans = None if spans is None else spans.contiguous()
+        q_lengths = None if q_lengths is None else q_lengths.contiguous()
+        # absent spans or lengths take Q's pointer (never read); a D without elements (every
+        # document empty) may have a null pointer: its loads are all masked
+        pointers = (Q, D if D.numel() else Q, Q if spans is None else spans, Q if q_lengths is None else q_lengths)
+        if config is None and plans_apply(Q.device):
+            key = _plan_key(pointers, spans is not None, q_lengths is not None, packed, reduction, k)
+            plan = _PLANS.find(key, ())
+            if plan is not None:
+                out_shape, n_splits = plan.extra
+                out = torch.empty(out_shape, dtype=torch.float32 if k is None else torch.int64, device=Q.device)
+                if checks is not None:
+                    checks.verify()
+                plan.launch(*pointers, out)
+                return _scores_or_keys(out, k, n_splits)
     cfg = config or pick_config(n_queries, q_tokens, n_docs, dim, Q.dtype, Q.device, k)
     rows = _Rows.of(cfg.block_q, n_queries, q_tokens)
     tile = Tile(cfg.block_q, cfg.block_d, cfg.num_warps)
@@ -451,31 +473,46 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
     else:
         out = torch.empty((n_queries, n_groups * k), dtype=torch.int64, device=Q.device)
         stride_on = n_groups * k
-    if n_queries and n_docs:
-        Q, q_rows = _token_rows(Q)
-        D, d_rows = _token_rows(D)
-        n_tokens = D.shape[0] if packed else D.shape[1]
-        span_ptr = Q if spans is None else spans.contiguous()
-        q_len_ptr = Q if q_lengths is None else q_lengths.contiguous()
-        # a D without elements (every document empty) may have a null pointer; its loads are all masked
-        d_ptr = D if D.numel() else Q
-        window = doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC.get(tuning.device_family(Q.device), 0))
-    if checks is not None:
-        checks.verify()     # as late as this: the host work above overlapped the device's catching up
-    if n_queries and n_docs:
-        maxsim_kernel[(n_groups * rows.n_blocks,)](
-            Q, d_ptr, span_ptr, q_len_ptr, out,
-            n_queries, n_docs, q_tokens, n_tokens, rows.lq_tile, rows.qpb, rows.n_splits, cfg.group, k or 0,
-            q_rows, d_rows, n_queries * n_docs, stride_on,
+    if pointers is not None:
+        args = (*pointers, out,
+                n_queries, n_docs, q_tokens, D.shape[0] if packed else D.shape[1], rows.lq_tile, rows.qpb,
+                rows.n_splits, cfg.group, k or 0, q_rows, d_rows, n_queries * n_docs, stride_on)
+        kwargs = dict(
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound,
             UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype),
-            WINDOW=window,
+            WINDOW=doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC.get(tuning.device_family(Q.device), 0)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers or None)
+        grid = (n_groups * rows.n_blocks,)
+    if checks is not None:
+        checks.verify()     # as late as this: the host work above overlapped the device's catching up
+    if pointers is not None:
+        compiled = maxsim_kernel[grid](*args, **kwargs)
+        if key is not None:
+            _PLANS.record(key, (), compiled, grid, args, kwargs, slots=PLAN_SLOTS, extra=(out.shape, rows.n_splits))
+    return _scores_or_keys(out, k, rows.n_splits)
+
+
+# eager launches of maxsim_kernel at a repeated call (launch_plans.py); the per-call tensors
+PLAN_SLOTS = ("q_ptr", "d_ptr", "span_ptr", "q_len_ptr", "out_ptr")
+_PLANS = LaunchPlans(maxsim_kernel)
+
+
+def _plan_key(pointers, has_span, has_q_len, packed, reduction, k) -> tuple:
+    """Everything a launch derives its config and Triton its specialization from: the device,
+    stream and tuning state, the flags, the shapes, strides and dtypes of the per-call tensors
+    (every integer argument follows from them) and their pointers' 16-byte alignment."""
+    Q, D, span, q_len = pointers
+    return (Q.device.index, current_stream(Q.device), tuning.generation(), has_span, has_q_len, packed, reduction,
+            k, Q.dtype, torch.backends.cuda.matmul.allow_tf32, tuple(Q.shape), Q.stride(), tuple(D.shape),
+            D.stride(), tuple(span.shape), span.dtype, q_len.dtype, *(t.data_ptr() % 16 for t in pointers))
+
+
+def _scores_or_keys(out, k, n_splits):
     if k is not None:
         return out
-    return out[0] if rows.n_splits == 1 else out.sum(0)
+    return out[0] if n_splits == 1 else out.sum(0)
 
 
 def launch_maxsim(Q, D, q_lengths=None, d_lengths=None, reduction="sum", config=None, checks=None) -> torch.Tensor:
@@ -496,7 +533,7 @@ def launch_maxsim_topk(Q, D, k, q_lengths=None, d_lengths=None, reduction="sum",
     # keys are unique (one per document) and ordered as the ranking is, so torch.topk's choice
     # among them is exact. Slots past the end of a short last group hold NaN keys of documents
     # past Nd, behind every real candidate, and are never reached as k <= Nd.
-    keys = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, cfg, checks)
+    keys = _launch(Q, D, d_lengths, False, q_lengths, reduction, k, config, checks)
     return decode_keys(torch.topk(keys, k, dim=1).values)
 
 

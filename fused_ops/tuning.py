@@ -183,11 +183,22 @@ def config_for(kernel: str, bucket: str, fallback: Callable[[str, str], object],
     return _resolve(kernel, bucket, name, family, fallback, parse)
 
 
+_generation = 0
+
+
+def generation() -> int:
+    """How many times the caches were cleared: launch plans key on it, so none outlives the config
+    it was built with."""
+    return _generation
+
+
 def clear_caches() -> None:
     """Forget loaded JSON and resolved configs (after writing new JSON or changing the env)."""
+    global _generation
     _load.cache_clear()
     _tuned.cache_clear()
     _resolve.cache_clear()
+    _generation += 1
 
 
 def smem_gemm(block_m: int, block_n: int, block_k: int, stages: int, elem_bytes: int = 2) -> int:
