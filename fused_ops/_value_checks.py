@@ -28,11 +28,12 @@ class ValueChecks:
         self._host: Optional[torch.Tensor] = None
         self._copied: Optional[torch.cuda.Event] = None
 
-    def add(self, source: torch.Tensor, scalars: Callable[[], Sequence[torch.Tensor]], rule: Rule) -> None:
+    def add(self, source: torch.Tensor, scalars: Callable[[], Sequence[torch.Tensor]], rule: Rule, *,
+            force: bool = False) -> None:
         """A rule on the 0-d integer tensors that `scalars()` computes from `source`. Skipped, and
         nothing computed, where the source's values cannot be read now (can_sync: compile
-        tracing, CUDA-graph capture)."""
-        if can_sync(source):
+        tracing, CUDA-graph capture), unless `force` (the caller has made sure a read is allowed)."""
+        if force or can_sync(source):
             values = [s.to(torch.int64) for s in scalars()]
             self._rules.append((len(self._scalars), len(values), rule))
             self._scalars += values

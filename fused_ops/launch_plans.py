@@ -76,10 +76,11 @@ class LaunchPlans:
         """Keep the launch just made (`compiled` is what kernel[grid](*args, **kwargs) returned);
         `slots` names the per-call tensor arguments."""
         stamp = version_stamp(params)
-        if stamp is None:
+        if stamp is None or compiled is None:
             return
         names = self.kernel.arg_names
         by_name = dict(zip(names, args), **{n: v for n, v in kwargs.items() if n in names})
+        by_name.update(dict.fromkeys(slots))        # the plan must not keep this call's tensors alive
         plan = Plan(stamp, compiled, tuple(grid) + (1,) * (3 - len(grid)), [by_name[n] for n in names],
                     tuple(names.index(s) for s in slots), extra)
         with self._lock:

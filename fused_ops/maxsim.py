@@ -452,7 +452,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
         # document empty) may have a null pointer: its loads are all masked
         pointers = (Q, D if D.numel() else Q, Q if spans is None else spans, Q if q_lengths is None else q_lengths)
         if config is None and plans_apply(Q.device):
-            key = _plan_key(pointers, spans is not None, q_lengths is not None, packed, reduction, k)
+            key = _plan_key(D, pointers, spans is not None, q_lengths is not None, packed, reduction, k)
             plan = _PLANS.find(key, ())
             if plan is not None:
                 out_shape, n_splits = plan.extra
@@ -499,14 +499,16 @@ PLAN_SLOTS = ("q_ptr", "d_ptr", "span_ptr", "q_len_ptr", "out_ptr")
 _PLANS = LaunchPlans(maxsim_kernel)
 
 
-def _plan_key(pointers, has_span, has_q_len, packed, reduction, k) -> tuple:
-    """Everything a launch derives its config and Triton its specialization from: the device,
-    stream and tuning state, the flags, the shapes, strides and dtypes of the per-call tensors
-    (every integer argument follows from them) and their pointers' 16-byte alignment."""
-    Q, D, span, q_len = pointers
-    return (Q.device.index, current_stream(Q.device), tuning.generation(), has_span, has_q_len, packed, reduction,
-            k, Q.dtype, torch.backends.cuda.matmul.allow_tf32, tuple(Q.shape), Q.stride(), tuple(D.shape),
-            D.stride(), tuple(span.shape), span.dtype, q_len.dtype, *(t.data_ptr() % 16 for t in pointers))
+def _plan_key(D, pointers, has_span, has_q_len, packed, reduction, k) -> tuple:
+    """Everything a launch derives its config and Triton its specialization from: the current
+    device (the config's and the launch's), the tensors' device and stream, the tuning state, the
+    flags, the shapes, strides and dtypes of Q, D and the spans and lengths (every integer argument
+    follows from them; D's own, as an empty D passes Q's pointer) and the pointers' 16-byte alignment."""
+    Q, _, span, q_len = pointers
+    return (torch.cuda.current_device(), Q.device.index, current_stream(Q.device), tuning.generation(), has_span,
+            has_q_len, packed, reduction, k, Q.dtype, torch.backends.cuda.matmul.allow_tf32, tuple(Q.shape),
+            Q.stride(), tuple(D.shape), D.stride(), tuple(span.shape), span.dtype, q_len.dtype,
+            *(t.data_ptr() % 16 for t in pointers))
 
 
 def _scores_or_keys(out, k, n_splits):

@@ -190,7 +190,8 @@ def check_moe_experts(x, weights, indices, w1, b1, w2, b2, activation, op="moe_e
 
 
 def check_indices_range(indices: torch.Tensor, num_experts: int, op="moe_experts") -> None:
-    """Value check: costs a sync on CUDA, so callers do it only where a sync is allowed."""
+    """Value check: costs a sync on CUDA, so callers do it only where a sync is allowed (it is
+    never skipped here)."""
     if indices.numel() == 0:
         return
 
@@ -200,7 +201,7 @@ def check_indices_range(indices: torch.Tensor, num_experts: int, op="moe_experts
             return f"{op}: `indices` must lie in [0, {num_experts}) (E = w1.shape[0]), got values in [{lo}, {hi}]"
 
     checks = ValueChecks()
-    checks.add(indices, lambda: torch.aminmax(indices), in_range)
+    checks.add(indices, lambda: torch.aminmax(indices), in_range, force=True)
     checks.start().verify()
 
 
@@ -278,6 +279,8 @@ def check_maxsim(Q, D, q_lengths, d_lengths, reduction, op="maxsim", defer=False
         raise ValueError(f"{op}: `Q` and `D` must share the embedding dim, got Q {tuple(Q.shape)} and D {tuple(D.shape)}")
     if Q.shape[1] < 1:
         raise ValueError(f"{op}: `Q` must have at least one token per query, got {tuple(Q.shape)}")
+    if Q.shape[2] < 1:
+        raise ValueError(f"{op}: the embedding dim must be at least 1, got Q {tuple(Q.shape)}")
     C.choice(op, "reduction", reduction, REDUCTIONS)
     checks = ValueChecks()
     _check_lengths(checks, op, "q_lengths", q_lengths, Q.shape[0], Q.shape[1], 1)
@@ -297,6 +300,8 @@ def check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, op="maxs
                          f"and D_packed {tuple(D_packed.shape)}")
     if Q.shape[1] < 1:
         raise ValueError(f"{op}: `Q` must have at least one token per query, got {tuple(Q.shape)}")
+    if Q.shape[2] < 1:
+        raise ValueError(f"{op}: the embedding dim must be at least 1, got Q {tuple(Q.shape)}")
     if doc_offsets.shape[0] < 1:
         raise ValueError(f"{op}: `doc_offsets` must have Nd + 1 >= 1 entries, got {tuple(doc_offsets.shape)}")
     C.choice(op, "reduction", reduction, REDUCTIONS)

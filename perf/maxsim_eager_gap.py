@@ -1,7 +1,7 @@
 """Where the eager ColPali call (Nq=1, Lq=1024, Nd=1000, Ld=1030, bf16, d=128) loses time to its CUDA
 graph replay: the contract's lengths range check reads values on the host, a sync that leaves the GPU
 idle for whatever host work follows it. Times (do_bench, as the sweep does) the whole op, the op
-without lengths, the launch without checks, the range read alone and its variants, and the host
+without lengths, the launch without checks, the checks alone and the config choice, and the host
 microseconds of each piece with the GPU idle.
 
     python -m perf.maxsim_eager_gap        (CUDA machine)
