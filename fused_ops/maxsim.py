@@ -622,11 +622,14 @@ def _kernel_ok(Q: torch.Tensor) -> bool:
     return use_triton(Q) and Q.dtype in TL_DTYPE
 
 
-def _direct(*tensors) -> bool:
-    """Whether the public op launches its kernel itself (no dispatcher, see skips_dispatcher),
-    verifying its deferred value checks just before the launch; else it verifies them first and
-    calls the registered op."""
-    return skips_dispatcher(*tensors) and _kernel_ok(tensors[0])
+def _call(checks, launch, op, *args):
+    """op(*args) with its deferred value checks verified before its kernel runs: by the launcher,
+    just before the launch, where the call may skip the dispatcher (skips_dispatcher); else first,
+    then through the registered op."""
+    if skips_dispatcher(*(a for a in args if a is None or isinstance(a, torch.Tensor))) and _kernel_ok(args[0]):
+        return launch(*args, checks=checks)
+    checks.verify()
+    return op(*args)
 
 
 def _maxsim(Q: torch.Tensor, D: torch.Tensor, q_lengths: Optional[torch.Tensor],
@@ -681,27 +684,18 @@ def maxsim(Q: torch.Tensor, D: torch.Tensor, *, q_lengths: Optional[torch.Tensor
            d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
     """float32 scores [Nq, Nd] of queries Q [Nq, Lq, d] against padded documents D [Nd, Ld, d]."""
     checks = reference.check_maxsim(Q, D, q_lengths, d_lengths, reduction, defer=True)
-    if _direct(Q, D, q_lengths, d_lengths):
-        return launch_maxsim(Q, D, q_lengths, d_lengths, reduction, checks=checks)
-    checks.verify()
-    return _maxsim_op(Q, D, q_lengths, d_lengths, reduction)
+    return _call(checks, launch_maxsim, _maxsim_op, Q, D, q_lengths, d_lengths, reduction)
 
 
 def maxsim_varlen(Q: torch.Tensor, D_packed: torch.Tensor, doc_offsets: torch.Tensor, *,
                   q_lengths: Optional[torch.Tensor] = None, reduction: str = "sum") -> torch.Tensor:
     """float32 scores [Nq, Nd] against documents packed end to end in D_packed [T, d]."""
     checks = reference.check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, defer=True)
-    if _direct(Q, D_packed, doc_offsets, q_lengths):
-        return launch_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, checks=checks)
-    checks.verify()
-    return _maxsim_varlen_op(Q, D_packed, doc_offsets, q_lengths, reduction)
+    return _call(checks, launch_maxsim_varlen, _maxsim_varlen_op, Q, D_packed, doc_offsets, q_lengths, reduction)
 
 
 def maxsim_topk(Q: torch.Tensor, D: torch.Tensor, k: int, *, q_lengths: Optional[torch.Tensor] = None,
                 d_lengths: Optional[torch.Tensor] = None, reduction: str = "sum"):
     """(scores float32 [Nq, k], indices int64 [Nq, k]): each query's k best documents, descending."""
     checks = reference.check_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction, defer=True)
-    if _direct(Q, D, q_lengths, d_lengths):
-        return launch_maxsim_topk(Q, D, k, q_lengths, d_lengths, reduction, checks=checks)
-    checks.verify()
-    return _maxsim_topk_op(Q, D, k, q_lengths, d_lengths, reduction)
+    return _call(checks, launch_maxsim_topk, _maxsim_topk_op, Q, D, k, q_lengths, d_lengths, reduction)

@@ -260,6 +260,17 @@ def _check_lengths(checks, op, name, lengths, count, padded, min_value):
     checks.add(lengths, lambda: torch.aminmax(lengths), in_range)
 
 
+def _check_query_dims(op, Q, name, docs):
+    """Q [Nq, Lq, d]: at least one token per query, d >= 1 and the documents' d (their last dim)."""
+    if Q.shape[2] != docs.shape[-1]:
+        raise ValueError(f"{op}: `Q` and `{name}` must share the embedding dim, got Q {tuple(Q.shape)} "
+                         f"and {name} {tuple(docs.shape)}")
+    if Q.shape[1] < 1:
+        raise ValueError(f"{op}: `Q` must have at least one token per query, got {tuple(Q.shape)}")
+    if Q.shape[2] < 1:
+        raise ValueError(f"{op}: the embedding dim must be at least 1, got Q {tuple(Q.shape)}")
+
+
 def _started(checks, defer):
     """The value checks, copy started; verified here unless the caller defers (see ValueChecks)."""
     checks.start()
@@ -275,12 +286,7 @@ def check_maxsim(Q, D, q_lengths, d_lengths, reduction, op="maxsim", defer=False
     C.tensor(op, "D", D, ndim=3)
     C.same_device(op, [("Q", Q), ("D", D), ("q_lengths", q_lengths), ("d_lengths", d_lengths)])
     C.same_dtype(op, [("Q", Q), ("D", D)])
-    if Q.shape[2] != D.shape[2]:
-        raise ValueError(f"{op}: `Q` and `D` must share the embedding dim, got Q {tuple(Q.shape)} and D {tuple(D.shape)}")
-    if Q.shape[1] < 1:
-        raise ValueError(f"{op}: `Q` must have at least one token per query, got {tuple(Q.shape)}")
-    if Q.shape[2] < 1:
-        raise ValueError(f"{op}: the embedding dim must be at least 1, got Q {tuple(Q.shape)}")
+    _check_query_dims(op, Q, "D", D)
     C.choice(op, "reduction", reduction, REDUCTIONS)
     checks = ValueChecks()
     _check_lengths(checks, op, "q_lengths", q_lengths, Q.shape[0], Q.shape[1], 1)
@@ -295,13 +301,7 @@ def check_maxsim_varlen(Q, D_packed, doc_offsets, q_lengths, reduction, op="maxs
     C.tensor(op, "doc_offsets", doc_offsets, ndim=1, kind="index")
     C.same_device(op, [("Q", Q), ("D_packed", D_packed), ("doc_offsets", doc_offsets), ("q_lengths", q_lengths)])
     C.same_dtype(op, [("Q", Q), ("D_packed", D_packed)])
-    if Q.shape[2] != D_packed.shape[1]:
-        raise ValueError(f"{op}: `Q` and `D_packed` must share the embedding dim, got Q {tuple(Q.shape)} "
-                         f"and D_packed {tuple(D_packed.shape)}")
-    if Q.shape[1] < 1:
-        raise ValueError(f"{op}: `Q` must have at least one token per query, got {tuple(Q.shape)}")
-    if Q.shape[2] < 1:
-        raise ValueError(f"{op}: the embedding dim must be at least 1, got Q {tuple(Q.shape)}")
+    _check_query_dims(op, Q, "D_packed", D_packed)
     if doc_offsets.shape[0] < 1:
         raise ValueError(f"{op}: `doc_offsets` must have Nd + 1 >= 1 entries, got {tuple(doc_offsets.shape)}")
     C.choice(op, "reduction", reduction, REDUCTIONS)
