@@ -455,8 +455,8 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
             key = _plan_key(D, pointers, spans is not None, q_lengths is not None, packed, reduction, k)
             plan = _PLANS.find(key, ())
             if plan is not None:
-                out_shape, n_splits = plan.extra
-                out = torch.empty(out_shape, dtype=torch.float32 if k is None else torch.int64, device=Q.device)
+                out_shape, out_dtype, n_splits = plan.extra
+                out = torch.empty(out_shape, dtype=out_dtype, device=Q.device)
                 if checks is not None:
                     checks.verify()
                 plan.launch(*pointers, out)
@@ -490,7 +490,8 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
     if pointers is not None:
         compiled = maxsim_kernel[grid](*args, **kwargs)
         if key is not None:
-            _PLANS.record(key, (), compiled, grid, args, kwargs, slots=PLAN_SLOTS, extra=(out.shape, rows.n_splits))
+            _PLANS.record(key, (), compiled, grid, args, kwargs, slots=PLAN_SLOTS,
+                          extra=(out.shape, out.dtype, rows.n_splits))
     return _scores_or_keys(out, k, rows.n_splits)
 
 
