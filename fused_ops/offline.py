@@ -96,7 +96,7 @@ def _compile(build: KernelBuild, cc: int):
 
 def shared_slot_races(ttgir: str) -> list[str]:
     """Pipelined shared-memory buffers that an asynchronous wgmma reads (a warp_group_dot whose wait
-    leaves dots pending) while registers also read them (a local_load). Triton 3.6 gives such a
+    leaves dots pending) while registers also read them (a local_load). Triton 3.6 and 3.9 give such a
     load one slot fewer than a dot-only load, so the copy issued in a step can rewrite the slot the
     step's dot is still reading: results off by a little and different on each run
     (perf/results/NVIDIA_H200/router_slot_race.txt). Names the buffers; none where every wait is

@@ -136,10 +136,10 @@ def raw_dot_sums(x_rows, pivot, op_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_G
         x = load_k(x_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K)
         acc = dot_nt(x, load_k(op_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K), acc, DOT_UPCAST)
         # a use of acc here makes triton wait for the dot before the next loads are issued. Triton
-        # 3.6 gives x, which the dot and the sums both read, STAGES - 1 shared-memory slots, so the
+        # (3.6, 3.9) gives x, which the dot and the sums both read, STAGES - 1 shared-memory slots, so the
         # load issued in this step (for step + STAGES - 1) rewrites the slot of this step's x: an
         # asynchronous wgmma (sm_90) still reading it summed some of the next tile (weights off by
-        # up to 2e-2, different on each run; perf/results/NVIDIA_H200/router_slot_race.txt)
+        # up to 3e-2, different on each run; perf/results/NVIDIA_H200/router_slot_race.txt)
         acc += 0.0
         xs = x.to(tl.float32) - pivot[:, None]
         if not EVEN_K:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
-import pathlib
 import sys
 
 import torch
@@ -24,6 +22,7 @@ from triton.testing import do_bench
 
 from fused_ops import offline
 from fused_ops.tunables import _maxsim_inputs
+from perf.variants import edited_module
 
 maxsim = importlib.import_module("fused_ops.maxsim")
 
@@ -37,23 +36,6 @@ MASKED = [
 ]
 
 
-def masked_module():
-    """fused_ops.maxsim with masked columns instead of clamped rows (a sibling module, so that
-    its relative imports resolve; the file is removed once loaded)."""
-    source = pathlib.Path(maxsim.__file__).read_text()
-    for old, new in MASKED:
-        assert source.count(old) == 1, old
-        source = source.replace(old, new)
-    path = pathlib.Path(maxsim.__file__).with_name("_maxsim_masked.py")
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("fused_ops._maxsim_masked", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    path.unlink()
-    return module
-
-
 def loop_opcodes(kernel):
     """Opcode counts of one chunk-loop trip of the batch shape's build (128 x 64 tile, 4 warps, 3
     stages, 4 queries per block, padded D) for sm_90."""
@@ -65,7 +47,7 @@ def loop_opcodes(kernel):
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    masked = masked_module()
+    masked = edited_module(maxsim, MASKED, "masked")     # masked columns instead of clamped rows
     for name, module in (("base", maxsim), ("masked", masked)):
         opcodes = loop_opcodes(module.maxsim_kernel)
         print(f"{name}: {sum(opcodes.values())} instructions per chunk-loop trip (sm_90): "

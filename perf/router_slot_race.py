@@ -14,8 +14,6 @@ blocks at M=256 and 2048 against the 32-row slices that stood in for them, and t
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import pathlib
 import sys
 
 import torch
@@ -23,24 +21,11 @@ import triton
 
 from fused_ops import reference
 from perf.harness import graph_time_ms
+from perf.variants import edited_module
 
 router = importlib.import_module("fused_ops.router")
 K, E, TOP_K = 8320, 8, 4
 FIX = "        acc += 0.0\n"
-
-
-def unfixed_module():
-    """fused_ops.router without the fix (a sibling module, removed from disk once loaded)."""
-    source = pathlib.Path(router.__file__).read_text()
-    assert source.count(FIX) == 1
-    path = pathlib.Path(router.__file__).with_name("_router_unfixed.py")
-    path.write_text(source.replace(FIX, ""))
-    spec = importlib.util.spec_from_file_location("fused_ops._router_unfixed", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    path.unlink()
-    return module
 
 
 def inputs(M):
@@ -61,7 +46,7 @@ def run(module, args, config):
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    modules = {"fixed": router, "unfixed": unfixed_module()}
+    modules = {"fixed": router, "unfixed": edited_module(router, [(FIX, "")], "unfixed")}
     print("## part 1: 64-row blocks, 8 warps; max |weights - float64 reference|, same bits over 3 launches")
     for M in (2048, 4097, 8192):
         args = inputs(M)

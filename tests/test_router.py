@@ -191,7 +191,7 @@ def test_few_rows_split_k_and_the_last_slice_finishes(dtype, gating, M, K):
 def test_raw_dot_k_slices_match_the_reference_on_every_run(dtype, gating, M, K, splits):
     """The raw dot in 64-row blocks at 8 warps with K slices (that end inside a K step): without the
     immediate wait in router.raw_dot_sums, a load rewrote the shared-memory slot an asynchronous
-    wgmma was still reading, and the weights were off by up to 2e-2, different on each run, on the
+    wgmma was still reading, and the weights were off by up to 3e-2, different on each run, on the
     H200. Every row's weights must match the reference (a max, not a norm, so a few bad rows show),
     the same bits on every run, counters back at zero."""
     router = importlib.import_module("fused_ops.router")
