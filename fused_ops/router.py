@@ -135,12 +135,6 @@ def raw_dot_sums(x_rows, pivot, op_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_G
         k_ok = kk < K
         x = load_k(x_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K)
         acc = dot_nt(x, load_k(op_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K), acc, DOT_UPCAST)
-        # a use of acc here makes triton wait for the dot before the next loads are issued. Triton
-        # (3.6, 3.9) gives x, which the dot and the sums both read, STAGES - 1 shared-memory slots, so the
-        # load issued in this step (for step + STAGES - 1) rewrites the slot of this step's x: an
-        # asynchronous wgmma (sm_90) still reading it summed some of the next tile (weights off by
-        # up to 3e-2, different on each run; perf/results/NVIDIA_H200/router_slot_race.txt)
-        acc += 0.0
         xs = x.to(tl.float32) - pivot[:, None]
         if not EVEN_K:
             xs = tl.where(k_ok[None, :], xs, 0.0)
@@ -351,6 +345,15 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
+# Rows per block of a raw-dot launch that cuts K into slices. On the H200 (triton 3.6), 64-row
+# blocks at 8 warps with K slices gave weights off by up to 5e-2 that changed from run to run
+# (M 2048..8192, 2 to 16 slices, every stage count, whole and partial last steps), while 32-row
+# blocks at 8 warps, 64-row blocks at 4 warps and 128-row blocks at 8 warps matched the float64
+# reference to 5e-6 every time (perf/results/NVIDIA_H200/router_split_check.txt); the slice
+# hand-off itself (stores, barrier, acq_rel counter) reads as intended in the PTX. Until the cause
+# is known, K slices use 32-row blocks, which the tests on CUDA check against the reference.
+SPLIT_ROWS = 32
+
 SHARED_HEADROOM = 16384   # shared memory a raw-dot config leaves beside its pipeline (reductions, layout changes)
 
 
@@ -383,16 +386,18 @@ def raw_dot_stage_bytes(E: int, block_m: int, block_k: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def make_config(E: int, K: int, tiling: RouterTiling) -> dict:
     """A narrow-gate launch config: the raw dot, the pivot path's tl.dot tiles (16+ rows) or its
-    broadcast product (fewer), with K cut into `splits` slices of whole 16-column runs. Cached:
-    callers must not modify the dict."""
+    broadcast product (fewer), with K cut into `splits` slices of whole 16-column runs (raw-dot
+    slices in SPLIT_ROWS-row blocks, whatever the tiling asks). Cached: callers must not modify the dict."""
     splits = tiling.splits
     k_chunk = triton.cdiv(triton.cdiv(K, splits), 16) * 16 if splits > 1 else K
     block_k = max(16, min(tiling.block_k, pow2(k_chunk)))
     use_dot = tiling.raw_dot or tiling.block_m >= 16
     block_e = raw_dot_block_e(E) if tiling.raw_dot else max(16, pow2(E)) if use_dot else pow2(E)
-    return dict(BLOCK_M=tiling.block_m, BLOCK_E=block_e, BLOCK_K=block_k,
+    n_splits = triton.cdiv(K, k_chunk)
+    block_m = SPLIT_ROWS if tiling.raw_dot and n_splits > 1 else tiling.block_m
+    return dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k,
                 EVEN_K=k_chunk % block_k == 0 and K % block_k == 0, USE_DOT=use_dot, RAW_DOT=tiling.raw_dot,
-                STAGES=tiling.num_stages, SPLITS=triton.cdiv(K, k_chunk), k_chunk=k_chunk,
+                STAGES=tiling.num_stages, SPLITS=n_splits, k_chunk=k_chunk,
                 num_warps=tiling.num_warps)
 
 
@@ -405,10 +410,12 @@ def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: b
     Narrow gates (E <= NARROW_E, FuseMoE's E=8), measured on an H200 at K=8320 bf16, CUDA-graph
     times (perf/results/NVIDIA_H200/router_sweeps.txt, sweep 2): from one row per SM, the raw dot in
     64-row blocks, 8 warps (M=8192: 38.5 us = 81% of the x-read floor; the distance gate 52 us, and
-    212 us in 32-row blocks). Where those blocks leave SMs idle, K slices give about one program per
-    SM (perf/results/NVIDIA_H200/router_slot_race.txt: M=256, 16 slices 9.8 us against 13.6 for
-    32-row blocks in 16 slices; M=2048, 4 slices 16.5 us against 34.7 unsliced, 22.9 for 2, 21.7
-    for 16).
+    212 us in 32-row blocks). Those sweeps' split timings (M=256: 9.2 us, M=2048: 15.1 us, K slices
+    in 64-row blocks) came from tilings whose results were wrong (SPLIT_ROWS). Slices in 32-row blocks
+    pay only where 64-row blocks leave most SMs idle (tuner, session 5,
+    perf/results/NVIDIA_H200/tune-log-fused_router-slices.jsonl): M=256, 16 slices 12.8 us against
+    50.8 for 2; M=2048, unsliced 64-row blocks 32.2 us against 51.2 for 32-row blocks in 2 slices and
+    96.5 unsliced. So: slices (as many as give about one program per SM) below n_sm / 8 row blocks.
     Fewer rows: 1-2 rows per program, a broadcast product and K split into ~2 programs per SM
     (sweep 1, M=32: 8 slices, 7.2 us against 9.9 unsplit; 2048-wide steps beat 512 and 1024).
     sm_100 and sm_120 (offline compile only, no timing): the same blocks at 5 stages (81920 bytes of
@@ -418,7 +425,9 @@ def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: b
     float32 keeps the pivot path's tl.dot tiles. Wider gates: rows_config's blocks."""
     if raw_dot and M >= RAW_DOT_ROWS_PER_SM * n_sm:
         block_m, block_k, splits = 64, 128, 1
-        splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))     # fewer row blocks than SMs
+        if triton.cdiv(M, block_m) < n_sm // 8:    # few row blocks: K slices, in SPLIT_ROWS-row blocks
+            block_m = SPLIT_ROWS
+            splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
         if family == "sm_90":
             stages = 6
         elif family in ("sm_100", "sm_120"):
