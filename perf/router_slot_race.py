@@ -2,9 +2,10 @@
 
 x [M, 8320] bf16 feeds both the tl.dot (an asynchronous wgmma on sm_90) and the row sums; triton
 3.6 gives x's tile STAGES - 1 shared-memory slots, so the load issued in step i (for step
-i + STAGES - 1) rewrites the slot that step i's dot may still be reading. 'unfixed' is the kernel
-without the `acc += 0.0` that makes the dot's wait immediate. Part 1 runs 64-row blocks at 8 warps
-with and without K slices, three launches each, against the float64 reference (max |weights -
+i + STAGES - 1) rewrites the slot that step i's dot may still be reading. 'fixed' is the kernel
+with `acc += 0.0` after the dot (the wait becomes immediate); both variants let K slices keep
+64-row blocks (the shipped router.SPLIT_ROWS = 32 stands in for them until the fix lands). Part 1
+runs 64-row blocks at 8 warps with and without K slices, three launches each, against the float64 reference (max |weights -
 reference|) and against each other (same bits?). Part 2 times, in alternated rounds of CUDA-graph
 replays, the 64-row unsliced tiling both ways at M=8192 and, with the fix, K slices in 64-row
 blocks at M=256 and 2048 against the 32-row slices that stood in for them, and the shipped tiling.
@@ -25,7 +26,8 @@ from perf.variants import edited_module
 
 router = importlib.import_module("fused_ops.router")
 K, E, TOP_K = 8320, 8, 4
-FIX = "        acc += 0.0\n"
+DOT = "        acc = dot_nt(x, load_k(op_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K), acc, DOT_UPCAST)\n"
+WIDE_SLICES = ("SPLIT_ROWS = 32\n", "SPLIT_ROWS = 64\n")
 
 
 def inputs(M):
@@ -34,9 +36,10 @@ def inputs(M):
     return rand(M, K), rand(K), rand(K), rand(E, K, scale=K ** -0.5), rand(E)
 
 
-def tiling(rows, splits):
-    """The raw dot in `rows`-row blocks, 8 warps, 4 stages, K in `splits` slices."""
-    return router.make_config(E, K, router.RouterTiling(True, rows, 128, 8, 4, splits))
+def tiling(module, rows, splits):
+    """The raw dot in `rows`-row blocks (module.SPLIT_ROWS where sliced), 8 warps, 4 stages, K in
+    `splits` slices."""
+    return module.make_config(E, K, module.RouterTiling(True, rows, 128, 8, 4, splits))
 
 
 def run(module, args, config):
@@ -46,7 +49,8 @@ def run(module, args, config):
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    modules = {"fixed": router, "unfixed": edited_module(router, [(FIX, "")], "unfixed")}
+    modules = {"fixed": edited_module(router, [(DOT, DOT + "        acc += 0.0\n"), WIDE_SLICES], "fixed"),
+               "unfixed": edited_module(router, [WIDE_SLICES], "unfixed")}
     print("## part 1: 64-row blocks, 8 warps; max |weights - float64 reference|, same bits over 3 launches")
     for M in (2048, 4097, 8192):
         args = inputs(M)
@@ -65,11 +69,12 @@ def main() -> None:
                        (8192, [(64, 1)])):
         args = inputs(M)
         for rows, splits in tilings:
-            cases[f"M={M} {rows}-row x{splits} fixed"] = (router, args, tiling(rows, splits))
+            fixed = modules["fixed"] if rows == 64 else router      # 32-row slices: the shipped stand-in
+            cases[f"M={M} {rows}-row x{splits} fixed"] = (fixed, args, tiling(fixed, rows, splits))
         if M == 8192:
-            cases[f"M={M} 64-row x1 unfixed"] = (modules["unfixed"], args, tiling(64, 1))
+            cases[f"M={M} 64-row x1 unfixed"] = (modules["unfixed"], args, tiling(modules["unfixed"], 64, 1))
         shipped = router.pick_config(M, E, K, args[0], True)
-        name = f"M={M} shipped {shipped['BLOCK_M']}-row x{shipped['SPLITS']} s{shipped['STAGES']}"
+        name = f"M={M} shipped {shipped['BLOCK_M']}-row x{shipped['SPLITS']} s{shipped['STAGES']} unfixed"
         cases[name] = (router, args, shipped)
     times = {name: [] for name in cases}
     for _ in range(rounds):
