@@ -4,11 +4,12 @@ x [M, 8320] bf16 feeds both the tl.dot (an asynchronous wgmma on sm_90) and the 
 3.6 gives x's tile STAGES - 1 shared-memory slots, so the load issued in step i (for step
 i + STAGES - 1) rewrites the slot that step i's dot may still be reading. 'fixed' is the kernel
 with `acc += 0.0` after the dot (the wait becomes immediate); both variants let K slices keep
-64-row blocks (the shipped router.SPLIT_ROWS = 32 stands in for them until the fix lands). Part 1
-runs 64-row blocks at 8 warps with and without K slices, three launches each, against the float64 reference (max |weights -
-reference|) and against each other (same bits?). Part 2 times, in alternated rounds of CUDA-graph
-replays, the 64-row unsliced tiling both ways at M=8192 and, with the fix, K slices in 64-row
-blocks at M=256 and 2048 against the 32-row slices that stood in for them, and the shipped tiling.
+64-row blocks (the shipped router.SPLIT_ROWS = 32 stands in for them until the fix lands).
+Part 1 runs 64-row blocks at 8 warps with and without K slices, three launches each, against the
+float64 reference (max |weights - reference|) and against each other (same bits?). Part 2 times,
+in alternated rounds of CUDA-graph replays, the 64-row unsliced tiling both ways at M=8192, K
+slices in 64-row blocks (fixed) at M=256 and 2048 against the 32-row stand-in, and the shipped
+tiling.
 
     python -m perf.router_slot_race [rounds]        (CUDA machine)
 """
