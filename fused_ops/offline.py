@@ -49,13 +49,16 @@ class BuildReport:
     dot_instruction: str                 # the DOT_INSTRUCTION found in the PTX, or "" if none
     notes: list = field(default_factory=list)
     loop_spills: int = 0                 # spill stores and loads (STL, LDL) inside the machine code's loops
+    slot_races: list = field(default_factory=list)   # shared_slot_races' findings
 
     @property
     def fits(self) -> bool:
-        """Within the target's shared memory, no local arrays, and no spill inside a loop. ptxas may
-        park a value that only the code after the main loop reads in the stack frame (one store and
-        one load a program): that costs nothing measurable, where a spill in a loop costs every trip."""
-        return self.shared <= SHARED_LIMIT[self.cc] and self.local == 0 and self.loop_spills == 0
+        """Within the target's shared memory, no local arrays, no spill inside a loop and no slot
+        race. ptxas may park a value that only the code after the main loop reads in the stack
+        frame (one store and one load a program): that costs nothing measurable, where a spill in
+        a loop costs every trip."""
+        return (self.shared <= SHARED_LIMIT[self.cc] and self.local == 0 and self.loop_spills == 0
+                and not self.slot_races)
 
 
 def _cuobjdump() -> str:
@@ -91,6 +94,24 @@ def _compile(build: KernelBuild, cc: int):
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
+def shared_slot_races(ttgir: str) -> list[str]:
+    """Pipelined shared-memory buffers that an asynchronous wgmma reads (a warp_group_dot whose wait
+    leaves dots pending) while registers also read them (a local_load). Triton 3.6 and 3.9 give such a
+    load one slot fewer than a dot-only load, so the copy issued in a step can rewrite the slot the
+    step's dot is still reading: results off by a little and different on each run
+    (perf/results/NVIDIA_H200/router_slot_race.txt). Names the buffers; none where every wait is
+    immediate (pendings = 0)."""
+    if not re.search(r"warp_group_dot_wait .*pendings = [1-9]", ttgir):
+        return []
+    races = []
+    for buffer in re.findall(r"(%[\w.#-]+) = ttg\.local_alloc\s*:\s*\(\)", ttgir):
+        slots = re.findall(rf"(%[\w.#-]+) = ttg\.memdesc_(?:index|subview) {re.escape(buffer)}\[", ttgir)
+        read = lambda pattern: any(re.search(pattern.format(re.escape(slot)), ttgir) for slot in slots)  # noqa: E731
+        if read(r"ttg\.local_load {}\b") and read(r"warp_group_dot (?:\S+, )?{}\b"):
+            races.append(buffer)
+    return races
+
+
 def compile_build(build: KernelBuild, cc: int) -> BuildReport:
     compiled = _compile(build, cc)
     usage = _resource_usage(compiled.asm["cubin"])
@@ -102,7 +123,7 @@ def compile_build(build: KernelBuild, cc: int) -> BuildReport:
         loop_spills = sum(op in ("STL", "LDL") for start, end in _loops(code) for at, op, _ in code if start <= at <= end)
     return BuildReport(build.name, cc, shared=compiled.metadata.shared, registers=usage.get("REG", 0),
                        stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0), dot_instruction=instruction,
-                       loop_spills=loop_spills)
+                       loop_spills=loop_spills, slot_races=shared_slot_races(compiled.asm["ttgir"]))
 
 
 def _sass(cubin: bytes) -> list[tuple[int, str, str]]:

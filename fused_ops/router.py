@@ -117,10 +117,11 @@ def gate_sums_kernel(w_ptr, g_ptr, b_ptr, sums_ptr, op_ptr, E, K, stride_w, HAS_
 @triton.jit
 def raw_dot_sums(x_rows, pivot, op_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_GAMMA: tl.constexpr,
                  HAS_BETA: tl.constexpr, DISTANCE: tl.constexpr, EVEN_K: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                 STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
+                 WAIT_DOT: tl.constexpr, STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
     """The raw-dot pass over columns k_start:k_stop: (acc [BM, BB // 2] = x @ W'^T (minus a . beta for
     DISTANCE), s1, s2, aa, ag as in ln_dot_sums); op_rows point at the 2 * BLOCK_E interleaved
-    (hi, lo) rows. The pivot is not taken out of acc (the finish does, once per row)."""
+    (hi, lo) rows. The pivot is not taken out of acc (the finish does, once per row). WAIT_DOT
+    (sm_90, wait_for_dot): each step's dot finishes before the next loads are issued."""
     BM: tl.constexpr = x_rows.shape[0]
     BB: tl.constexpr = op_rows.shape[0]
     acc = tl.zeros([BM, BB], tl.float32)
@@ -135,6 +136,8 @@ def raw_dot_sums(x_rows, pivot, op_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_G
         k_ok = kk < K
         x = load_k(x_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K)
         acc = dot_nt(x, load_k(op_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K), acc, DOT_UPCAST)
+        if WAIT_DOT:
+            acc += 0.0                             # a use of acc: triton waits for the dot here
         xs = x.to(tl.float32) - pivot[:, None]
         if not EVEN_K:
             xs = tl.where(k_ok[None, :], xs, 0.0)
@@ -161,14 +164,14 @@ def raw_dot_sums(x_rows, pivot, op_rows, g_ptr, b_ptr, k_start, k_stop, K, HAS_G
 def router_partial_sums(x_rows, pivot, w_ptr, g_ptr, b_ptr, col, k_start, k_stop, K, stride_w, E,
                         BLOCK_E: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                         LAPLACE: tl.constexpr, RAW_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                        USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                        STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
+                        USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, WAIT_DOT: tl.constexpr,
+                        PRECISION: tl.constexpr, STAGES: tl.constexpr, BLOCK_K: tl.constexpr):
     """(acc [BM, BLOCK_E], s1, s2, aa, ag) of columns k_start:k_stop, by either path (module doc).
     Masks stop at k_stop (slices need not be whole BLOCK_K steps; EVEN_K: they and K are)."""
     if RAW_DOT:                                    # w_ptr is the W' halves [2 * BLOCK_E, K]
         acc, s1, s2, aa, ag = raw_dot_sums(
             x_rows, pivot, row_starts(w_ptr, tl.arange(0, 2 * BLOCK_E), 2 * BLOCK_E, K), g_ptr, b_ptr, k_start,
-            k_stop, k_stop, HAS_GAMMA, HAS_BETA, LAPLACE, EVEN_K, DOT_UPCAST, STAGES, BLOCK_K)
+            k_stop, k_stop, HAS_GAMMA, HAS_BETA, LAPLACE, EVEN_K, DOT_UPCAST, WAIT_DOT, STAGES, BLOCK_K)
     else:
         acc, s1, s2, _, _, aa, ag = ln_dot_sums(
             x_rows, pivot, row_starts(w_ptr, col, E, stride_w), g_ptr, b_ptr, k_start, k_stop, k_stop, HAS_GAMMA,
@@ -206,9 +209,9 @@ def fused_router_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, part_ptr, 
                         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr,
                         LAPLACE: tl.constexpr, RENORMALIZE: tl.constexpr, RAW_DOT: tl.constexpr,
                         SPLITS: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
-                        DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_TOPK: tl.constexpr):
+                        DOT_UPCAST: tl.constexpr, WAIT_DOT: tl.constexpr, PRECISION: tl.constexpr,
+                        STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_TOPK: tl.constexpr):
     """Program (i, s): rows block i, all experts, K slice s (k_chunk columns); `scale` = log2(e) / T.
 
     SPLITS > 1: each slice stores its sums to part [S, M, BLOCK_E] and stat [S, ROW_SUMS, M]; the
@@ -223,7 +226,7 @@ def fused_router_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, part_ptr, 
     k_start = tl.program_id(1) * k_chunk
     acc, s1, s2, aa, ag = router_partial_sums(
         x_rows, pivot, w_ptr, g_ptr, b_ptr, col, k_start, tl.minimum(k_start + k_chunk, K), K, stride_w, E, BLOCK_E,
-        HAS_GAMMA, HAS_BETA, LAPLACE, RAW_DOT, EVEN_K, USE_DOT, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
+        HAS_GAMMA, HAS_BETA, LAPLACE, RAW_DOT, EVEN_K, USE_DOT, DOT_UPCAST, WAIT_DOT, PRECISION, STAGES, BLOCK_K)
     last = True
     if SPLITS > 1:
         split = tl.program_id(1).to(tl.int64)
@@ -274,8 +277,9 @@ def fused_router_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, part_ptr, 
 def router_logits_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, logits_ptr, M, E, K, stride_x, stride_w, eps,
                          HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_BIAS: tl.constexpr,
                          LAPLACE: tl.constexpr, RAW_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-                         USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                         STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                         USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, WAIT_DOT: tl.constexpr,
+                         PRECISION: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """E > MAX_FUSED_E: fp32 logits [M, E] in (rows, experts) blocks, for the unfused softmax and
     top-k (RAW_DOT: one expert block, w_ptr the W' halves)."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -284,7 +288,7 @@ def router_logits_kernel(x_ptr, g_ptr, b_ptr, w_ptr, wb_ptr, sums_ptr, logits_pt
     pivot = row_pivot(x_rows, K, BLOCK_K)
     acc, s1, s2, aa, ag = router_partial_sums(
         x_rows, pivot, w_ptr, g_ptr, b_ptr, col, 0, K, K, stride_w, E, BLOCK_E, HAS_GAMMA, HAS_BETA, LAPLACE,
-        RAW_DOT, EVEN_K, USE_DOT, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
+        RAW_DOT, EVEN_K, USE_DOT, DOT_UPCAST, WAIT_DOT, PRECISION, STAGES, BLOCK_K)
     logits = router_logits_finish(acc, s1, s2, aa, ag, pivot, col, sums_ptr, wb_ptr, E, K, eps, HAS_BIAS, LAPLACE,
                                   RAW_DOT)
     store_tile(logits_ptr, E, row, col, M, E, logits)
@@ -345,14 +349,17 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-# Rows per block of a raw-dot launch that cuts K into slices. On the H200 (triton 3.6), 64-row
-# blocks at 8 warps with K slices gave weights off by up to 5e-2 that changed from run to run
-# (M 2048..8192, 2 to 16 slices, every stage count, whole and partial last steps), while 32-row
-# blocks at 8 warps, 64-row blocks at 4 warps and 128-row blocks at 8 warps matched the float64
-# reference to 5e-6 every time (perf/results/NVIDIA_H200/router_split_check.txt); the slice
-# hand-off itself (stores, barrier, acq_rel counter) reads as intended in the PTX. Until the cause
-# is known, K slices use 32-row blocks, which the tests on CUDA check against the reference.
-SPLIT_ROWS = 32
+def wait_for_dot(family: str) -> bool:
+    """Whether the raw dot waits for each step's dot (WAIT_DOT). Triton (3.6, 3.9) gives x, which the
+    dot and the row sums both read, STAGES - 1 shared-memory slots, so the load a step issues (for
+    step + STAGES - 1) rewrites that step's slot: sm_90's asynchronous wgmma, still reading it, summed
+    some of the next tile (weights off by up to 3e-2, different on each run;
+    perf/results/NVIDIA_H200/router_slot_race.txt; offline.shared_slot_races finds the pattern).
+    Not elsewhere: sm_100's pipeline gives x as many slots as W and waits for step i - 1's MMA before
+    its slot is reloaded (TTGIR, triton 3.6 and 3.9), and there the wait would move the accumulator out
+    of tensor memory every step (the distance gate spills, triton 3.9); sm_120's mma is synchronous."""
+    return family == "sm_90"
+
 
 SHARED_HEADROOM = 16384   # shared memory a raw-dot config leaves beside its pipeline (reductions, layout changes)
 
@@ -386,18 +393,16 @@ def raw_dot_stage_bytes(E: int, block_m: int, block_k: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def make_config(E: int, K: int, tiling: RouterTiling) -> dict:
     """A narrow-gate launch config: the raw dot, the pivot path's tl.dot tiles (16+ rows) or its
-    broadcast product (fewer), with K cut into `splits` slices of whole 16-column runs (raw-dot
-    slices in SPLIT_ROWS-row blocks, whatever the tiling asks). Cached: callers must not modify the dict."""
+    broadcast product (fewer), with K cut into `splits` slices of whole 16-column runs. Cached:
+    callers must not modify the dict."""
     splits = tiling.splits
     k_chunk = triton.cdiv(triton.cdiv(K, splits), 16) * 16 if splits > 1 else K
     block_k = max(16, min(tiling.block_k, pow2(k_chunk)))
     use_dot = tiling.raw_dot or tiling.block_m >= 16
     block_e = raw_dot_block_e(E) if tiling.raw_dot else max(16, pow2(E)) if use_dot else pow2(E)
-    n_splits = triton.cdiv(K, k_chunk)
-    block_m = SPLIT_ROWS if tiling.raw_dot and n_splits > 1 else tiling.block_m
-    return dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_K=block_k,
+    return dict(BLOCK_M=tiling.block_m, BLOCK_E=block_e, BLOCK_K=block_k,
                 EVEN_K=k_chunk % block_k == 0 and K % block_k == 0, USE_DOT=use_dot, RAW_DOT=tiling.raw_dot,
-                STAGES=tiling.num_stages, SPLITS=n_splits, k_chunk=k_chunk,
+                STAGES=tiling.num_stages, SPLITS=triton.cdiv(K, k_chunk), k_chunk=k_chunk,
                 num_warps=tiling.num_warps)
 
 
@@ -410,12 +415,10 @@ def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: b
     Narrow gates (E <= NARROW_E, FuseMoE's E=8), measured on an H200 at K=8320 bf16, CUDA-graph
     times (perf/results/NVIDIA_H200/router_sweeps.txt, sweep 2): from one row per SM, the raw dot in
     64-row blocks, 8 warps (M=8192: 38.5 us = 81% of the x-read floor; the distance gate 52 us, and
-    212 us in 32-row blocks). Those sweeps' split timings (M=256: 9.2 us, M=2048: 15.1 us, K slices
-    in 64-row blocks) came from tilings whose results were wrong (SPLIT_ROWS). Slices in 32-row blocks
-    pay only where 64-row blocks leave most SMs idle (tuner, session 5,
-    perf/results/NVIDIA_H200/tune-log-fused_router-slices.jsonl): M=256, 16 slices 12.8 us against
-    50.8 for 2; M=2048, unsliced 64-row blocks 32.2 us against 51.2 for 32-row blocks in 2 slices and
-    96.5 unsliced. So: slices (as many as give about one program per SM) below n_sm / 8 row blocks.
+    212 us in 32-row blocks). Where those blocks leave SMs idle, K slices give about one program per
+    SM (perf/results/NVIDIA_H200/router_slot_race.txt: M=256, 16 slices 9.8 us against 13.6 for
+    32-row blocks in 16 slices; M=2048, 4 slices 16.5 us against 34.7 unsliced, 22.9 for 2, 21.7
+    for 16).
     Fewer rows: 1-2 rows per program, a broadcast product and K split into ~2 programs per SM
     (sweep 1, M=32: 8 slices, 7.2 us against 9.9 unsplit; 2048-wide steps beat 512 and 1024).
     sm_100 and sm_120 (offline compile only, no timing): the same blocks at 5 stages (81920 bytes of
@@ -425,9 +428,7 @@ def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: b
     float32 keeps the pivot path's tl.dot tiles. Wider gates: rows_config's blocks."""
     if raw_dot and M >= RAW_DOT_ROWS_PER_SM * n_sm:
         block_m, block_k, splits = 64, 128, 1
-        if triton.cdiv(M, block_m) < n_sm // 8:    # few row blocks: K slices, in SPLIT_ROWS-row blocks
-            block_m = SPLIT_ROWS
-            splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))
+        splits = max(1, min(n_sm // triton.cdiv(M, block_m), K // 512))     # fewer row blocks than SMs
         if family == "sm_90":
             stages = 6
         elif family in ("sm_100", "sm_120"):
@@ -482,7 +483,8 @@ def _logit_args(x, ln_weight, ln_bias, gate_weight, gate_bias, gating, raw_dot):
     w = op if raw_dot else rows(gate_weight)
     pointers = (x, g if g is not None else x, b if b is not None else x, w, wb if wb is not None else x, sums)
     flags = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=wb is not None,
-                 LAPLACE=gating == "laplace", DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype))
+                 LAPLACE=gating == "laplace", DOT_UPCAST=dot_upcast(x),
+                 WAIT_DOT=wait_for_dot(tuning.device_family(x.device)), PRECISION=dot_precision(x.dtype))
     return pointers, flags, w.stride(0)
 
 
@@ -571,29 +573,31 @@ def offline_builds():
                  **{n: "fp32" for n in ("eps", "scale", "alpha_scaled", "inv_norm")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
 
-        def fused(name, cfg, E, k, targets):
+        def fused(name, cfg, E, k, family):
             cfg = dict(cfg)
             warps = cfg.pop("num_warps")
             divisible = divisible_args(M=8192, E=E, K=K, k=k, k_chunk=cfg.pop("k_chunk"), stride_x=K, stride_w=K)
             for laplace in (False, True):
                 builds.append(KernelBuild(f"{name}{'_laplace' if laplace else ''}", fused_router_kernel, types,
                                           {**flags, **cfg, "LAPLACE": laplace, "RENORMALIZE": True,
-                                           "BLOCK_TOPK": pow2(k)}, num_warps=warps, targets=targets,
-                                          divisible=divisible))
+                                           "WAIT_DOT": wait_for_dot(family), "BLOCK_TOPK": pow2(k)},
+                                          num_warps=warps, targets=(tuning.FAMILY_CC[family],), divisible=divisible))
 
         raw_dot = dt != "fp32"
         for family, cc in tuning.FAMILY_CC.items():
             for M, E, k in ((32, 8, 4), (2048, 8, 4), (8192, 8, 4), (32, 512, 8), (8192, 512, 8)):
                 cfg = _kernel_config(M, E, K, 132, dtype.itemsize, raw_dot and E <= NARROW_E, family)
-                fused(f"router_{dt}_M{M}_E{E}_sm{cc}", cfg, E, k, (cc,))
+                fused(f"router_{dt}_M{M}_E{E}_sm{cc}", cfg, E, k, family)
         if raw_dot:                                # tuned tilings apply to 16-bit narrow gates only
             for targets, label, entry in tuning.shipped_entries("fused_router"):
-                fused(f"router_{dt}_{label}", make_config(8, K, tiling_from_json(entry)), 8, 4, targets)
+                for family in (f for f, cc in tuning.FAMILY_CC.items() if cc in targets):
+                    name = f"router_{dt}_{label}" + (f"_{family}" if len(targets) > 1 else "")
+                    fused(name, make_config(8, K, tiling_from_json(entry)), 8, 4, family)
         cfg = dict(_kernel_config(8192, 1024, K, 132, dtype.itemsize, False, "sm_90"))
         warps = cfg.pop("num_warps")
         cfg.pop("SPLITS"), cfg.pop("k_chunk")
         builds.append(KernelBuild(f"router_logits_{dt}_E1024", router_logits_kernel, types,
-                                  {**flags, **cfg, "LAPLACE": True}, num_warps=warps,
+                                  {**flags, **cfg, "LAPLACE": True, "WAIT_DOT": False}, num_warps=warps,
                                   divisible=divisible_args(M=8192, E=1024, K=K, stride_x=K, stride_w=K)))
         builds.append(KernelBuild(f"router_gate_sums_{dt}", gate_sums_kernel, types,
                                   dict(HAS_GAMMA=True, HAS_BETA=True, W_HALVES=raw_dot, BLOCK_E=8, BLOCK_K=128),

@@ -319,8 +319,7 @@ def router_space(family: str, shape: dict) -> list:
     warps the distance gate's five row-sum tiles spill (offline compile, sm_90, 32 and 64 rows)."""
     M, K = shape["M"], shape["K"]
     raw = [router.RouterTiling(True, bm, 128, 8, st, sp)
-           for bm, sp, st in itertools.product((32, 64), (1, 2, 4, 8, 16), (4, 6))
-           if sp == 1 or bm == router.SPLIT_ROWS]          # K slices: 32-row blocks only (router.SPLIT_ROWS)
+           for bm, sp, st in itertools.product((32, 64), (1, 2, 4, 8, 16), (4, 6))]
     bcast = [router.RouterTiling(False, bm, bk, 4, 2, sp)
              for bm, sp, bk in itertools.product((1, 2), (1, 2, 4, 8, 16), (1024, 2048))]
     return [t for t in raw + bcast

@@ -1,15 +1,13 @@
-"""The raw-dot router's shared-memory slot race, before and after its fix (router.raw_dot_sums).
+"""The raw-dot router's shared-memory slot race, with and without its fix (router.wait_for_dot).
 
 x [M, 8320] bf16 feeds both the tl.dot (an asynchronous wgmma on sm_90) and the row sums; triton
 3.6 gives x's tile STAGES - 1 shared-memory slots, so the load issued in step i (for step
-i + STAGES - 1) rewrites the slot that step i's dot may still be reading. 'fixed' is the kernel
-with `acc += 0.0` after the dot (the wait becomes immediate); both variants let K slices keep
-64-row blocks (the shipped router.SPLIT_ROWS = 32 stands in for them until the fix lands).
+i + STAGES - 1) rewrites the slot that step i's dot may still be reading. 'fixed' is the shipped
+kernel (WAIT_DOT on sm_90: the wait becomes immediate), 'unfixed' the same with WAIT_DOT off.
 Part 1 runs 64-row blocks at 8 warps with and without K slices, three launches each, against the
 float64 reference (max |weights - reference|) and against each other (same bits?). Part 2 times,
 in alternated rounds of CUDA-graph replays, the 64-row unsliced tiling both ways at M=8192, K
-slices in 64-row blocks (fixed) at M=256 and 2048 against the 32-row stand-in, and the shipped
-tiling.
+slices (fixed) at M=256 and 2048 in 32- and 64-row blocks, and the shipped tiling.
 
     python -m perf.router_slot_race [rounds]        (CUDA machine)
 """
@@ -27,8 +25,7 @@ from perf.variants import edited_module
 
 router = importlib.import_module("fused_ops.router")
 K, E, TOP_K = 8320, 8, 4
-DOT = "        acc = dot_nt(x, load_k(op_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K), acc, DOT_UPCAST)\n"
-WIDE_SLICES = ("SPLIT_ROWS = 32\n", "SPLIT_ROWS = 64\n")
+NO_WAIT = ('    return family == "sm_90"\n', "    return False\n")     # router.wait_for_dot
 
 
 def inputs(M):
@@ -38,8 +35,7 @@ def inputs(M):
 
 
 def tiling(module, rows, splits):
-    """The raw dot in `rows`-row blocks (module.SPLIT_ROWS where sliced), 8 warps, 4 stages, K in
-    `splits` slices."""
+    """The raw dot in `rows`-row blocks, 8 warps, 4 stages, K in `splits` slices."""
     return module.make_config(E, K, module.RouterTiling(True, rows, 128, 8, 4, splits))
 
 
@@ -50,8 +46,7 @@ def run(module, args, config):
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    modules = {"fixed": edited_module(router, [(DOT, DOT + "        acc += 0.0\n"), WIDE_SLICES], "fixed"),
-               "unfixed": edited_module(router, [WIDE_SLICES], "unfixed")}
+    modules = {"fixed": router, "unfixed": edited_module(router, [NO_WAIT], "unfixed")}
     print("## part 1: 64-row blocks, 8 warps; max |weights - float64 reference|, same bits over 3 launches")
     for M in (2048, 4097, 8192):
         args = inputs(M)
@@ -70,12 +65,11 @@ def main() -> None:
                        (8192, [(64, 1)])):
         args = inputs(M)
         for rows, splits in tilings:
-            fixed = modules["fixed"] if rows == 64 else router      # 32-row slices: the shipped stand-in
-            cases[f"M={M} {rows}-row x{splits} fixed"] = (fixed, args, tiling(fixed, rows, splits))
+            cases[f"M={M} {rows}-row x{splits} fixed"] = (router, args, tiling(router, rows, splits))
         if M == 8192:
             cases[f"M={M} 64-row x1 unfixed"] = (modules["unfixed"], args, tiling(modules["unfixed"], 64, 1))
         shipped = router.pick_config(M, E, K, args[0], True)
-        name = f"M={M} shipped {shipped['BLOCK_M']}-row x{shipped['SPLITS']} s{shipped['STAGES']} unfixed"
+        name = f"M={M} shipped {shipped['BLOCK_M']}-row x{shipped['SPLITS']} s{shipped['STAGES']}"
         cases[name] = (router, args, shipped)
     times = {name: [] for name in cases}
     for _ in range(rounds):

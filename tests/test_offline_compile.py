@@ -1,6 +1,6 @@
 """Every shipped kernel config compiles for sm_90, sm_100 and sm_120, fits the target's shared
-memory per block, spills nothing inside a loop (offline.BuildReport.fits), and (where it has dots)
-uses the target's matrix instructions.
+memory per block, spills nothing inside a loop, has no shared-memory slot race
+(offline.BuildReport.fits), and (where it has dots) uses the target's matrix instructions.
 
 The compiler needs real (not interpreted) kernels, so the builds run in one subprocess without
 TRITON_INTERPRET; the tests read its reports.
@@ -41,6 +41,7 @@ def test_compiles_fits_and_does_not_spill_in_loops(reports, build, cc):
     assert r["shared"] <= offline.SHARED_LIMIT[cc], f"{r['shared']} B shared > sm_{cc} limit"
     assert r["local"] == 0 and r["loop_spills"] == 0, \
         f"spills: {r['loop_spills']} spill instructions in loops (STACK {r['stack']}, LOCAL {r['local']})"
+    assert not r["slot_races"], f"an asynchronous wgmma shares buffers {r['slot_races']} with register loads"
     assert r["registers"] > 0
     if build.uses_dot:
         assert r["dot_instruction"] == offline.DOT_INSTRUCTION[cc], \
@@ -117,3 +118,18 @@ def test_maxsim_chunk_loop_masks_no_element_of_s():
                                     check=True).stdout)
     assert ops.get("HGMMA", 0) > 0, ops
     assert ops.get("FSEL", 0) < 256 * 64 // (8 * 32), ops
+
+
+def test_the_slot_race_check_finds_the_router_without_its_wait():
+    """offline.shared_slot_races flags the sm_90 raw-dot router built without WAIT_DOT (the build
+    whose weights were off on the H200, router.wait_for_dot), so a clean report means something."""
+    name = "router_bf16_M8192_E8_sm90"
+    code = ("import dataclasses, importlib, json; from fused_ops import offline; "
+            "router = importlib.import_module('fused_ops.router'); "
+            f"build = next(b for b in router.offline_builds() if b.name == {name!r}); "
+            "build = dataclasses.replace(build, constexprs={**build.constexprs, 'WAIT_DOT': False}); "
+            "print(json.dumps(offline.compile_build(build, 90).slot_races))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    races = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert races, "the unfixed build's x buffer should be flagged"
