@@ -417,7 +417,7 @@ def fallback_tiling(M: int, E: int, K: int, n_sm: int, itemsize: int, raw_dot: b
     64-row blocks, 8 warps (M=8192: 38.5 us = 81% of the x-read floor; the distance gate 52 us, and
     212 us in 32-row blocks). Where those blocks leave SMs idle, K slices give about one program per
     SM (perf/results/NVIDIA_H200/router_slot_race.txt: M=256, 16 slices 9.8 us against 13.6 for
-    32-row blocks in 16 slices; M=2048, 4 slices 16.5 us against 34.7 unsliced, 22.9 for 2, 21.7
+    32-row blocks in 16 slices; M=2048, 4 slices 16.5 us against 34.9 unsliced, 22.9 for 2, 21.8
     for 16).
     Fewer rows: 1-2 rows per program, a broadcast product and K split into ~2 programs per SM
     (sweep 1, M=32: 8 slices, 7.2 us against 9.9 unsplit; 2048-wide steps beat 512 and 1024).
