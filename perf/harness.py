@@ -66,6 +66,28 @@ def graph_time_ms(fn: Callable[[], object], replays: int = 20) -> float:
     return time_ms(graph.replay) / replays
 
 
+def rotated_rounds(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of each contender in `rounds` rounds (do_bench's mean over 100 ms), each round
+    starting one contender later, so none always runs after the same one."""
+    from triton.testing import do_bench
+    times = {name: [] for name in contenders}
+    names = list(contenders)
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(do_bench(contenders[name], rep=100))
+    return times
+
+
+def print_rounds(times: dict[str, list[float]], baseline: str, label: str) -> None:
+    """Each contender's median over the rounds, as a multiple of the baseline's median (`label`)."""
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    base = median(times[baseline])
+    for name, values in times.items():
+        ms = median(values)
+        print(f"{name:<28} median {ms:.4f} ms ({ms / base:.3f}x {label})  best {min(values):.4f}  "
+              f"(rounds: {' '.join(f'{t:.3f}' for t in values)})")
+
+
 def measure_ceilings() -> Ceilings:
     """Read bandwidth from a large sum (reads 4 GB, writes nothing), bf16 rate from a large GEMM."""
     x = torch.randn(1 << 30, device="cuda", dtype=torch.float32)

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fused_ops.layernorm_linear import ln_project, ln_stats, row_pivot, row_starts, store_tile
+from perf.harness import print_rounds, rotated_rounds
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
 M, K, N = 8192, 8320, 4096
@@ -124,16 +124,7 @@ def main() -> None:
         vs = (out.float() - shipped.float()).abs().max().item() / scale
         print(f"siblings {siblings}: max err / max |y| {err:.2e}, against shipped {vs:.2e}, same bits {same}",
               flush=True)
-    times = {name: [] for name in contenders}
-    names = list(contenders)
-    for i in range(rounds):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(do_bench(contenders[name], rep=100))
-    cublas = sorted(times["cublas F.linear"])[rounds // 2]
-    for name, values in times.items():
-        ms = sorted(values)[rounds // 2]
-        print(f"{name:<28} median {ms:.4f} ms ({ms / cublas:.3f}x cuBLAS)  best {min(values):.4f}  "
-              f"(rounds: {' '.join(f'{t:.3f}' for t in values)})")
+    print_rounds(rotated_rounds(contenders, rounds), "cublas F.linear", "cuBLAS")
 
 
 if __name__ == "__main__":

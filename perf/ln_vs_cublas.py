@@ -13,9 +13,9 @@ import importlib
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
 from fused_ops import tuning
+from perf.harness import print_rounds, rotated_rounds
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
 
@@ -39,16 +39,7 @@ def main() -> None:
     }
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"tuned {tuned}; fallback {fallback}")
-    times = {name: [] for name in contenders}
-    names = list(contenders)
-    for i in range(ROUNDS):                # each round starts one contender later: no fixed predecessor
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(do_bench(contenders[name], rep=100))
-    cublas = sorted(times["cublas F.linear"])[ROUNDS // 2]
-    for name, ms_list in times.items():
-        ms = sorted(ms_list)[ROUNDS // 2]
-        print(f"{name:<28} median {ms:.4f} ms ({ms / cublas:.3f}x cuBLAS's median)  best {min(ms_list):.4f}  "
-              f"(rounds: {' '.join(f'{t:.3f}' for t in ms_list)})")
+    print_rounds(rotated_rounds(contenders, ROUNDS), "cublas F.linear", "cuBLAS's median")
 
 
 if __name__ == "__main__":
