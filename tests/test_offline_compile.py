@@ -104,6 +104,17 @@ def test_every_shipped_json_entry_is_built_for_its_family(kernel, targets, stem,
                 f"{stem}.json {kernel} {bucket}: no build of {jit.__name__} {constexprs} for sm_{cc}"
 
 
+def test_router_builds_wait_for_the_dot_as_their_family_launches():
+    """Each raw-dot router build is compiled with the WAIT_DOT its target's launches pass
+    (router.wait_for_dot), so the slot-race check above proves what runs."""
+    family = {cc: name for name, cc in tuning.FAMILY_CC.items()}
+    builds = [b for b in BUILDS if b.kernel is ROUTER.fused_router_kernel and b.constexprs["RAW_DOT"]]
+    assert builds
+    for build in builds:
+        for cc in build.targets:
+            assert build.constexprs["WAIT_DOT"] == ROUTER.wait_for_dot(family[cc]), (build.name, cc)
+
+
 def test_maxsim_chunk_loop_masks_no_element_of_s():
     """The chunk loop takes S's row maxima without a mask (a document's last chunk repeats its last
     token): on the 256 x 64 / 8-warp scoring build for sm_90, fewer selects in one trip than S
