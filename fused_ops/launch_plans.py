@@ -2,7 +2,8 @@
 
 An eager call at a few rows is bound by the CPU: deriving the config, the cached parameter terms,
 the scratch and the launch arguments, then Triton's binding and cache lookup, cost tens of
-microseconds against a kernel of a few (fused_router). Where a call must sync with the device
+microseconds against a kernel of a few (fused_router; layernorm_linear's statistics pass and
+gemm at a few hundred rows). Where a call must sync with the device
 first (MaxSim's range checks), that host work after the sync leaves the GPU idle, whatever the
 kernel's length (maxsim). A plan keeps what a launch derived from everything but
 its per-call tensors: the compiled kernel, the grid, and the kernel's arguments in signature
@@ -21,6 +22,7 @@ capture (captures take fresh scratch), under the interpreter, or for inference-m
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
@@ -28,9 +30,26 @@ from typing import Optional
 import torch
 
 from ._runtime import INTERPRET
-from .layernorm_linear import same_stamp, version_stamp
 
 MAX_PLANS = 64      # per kernel; the least recently built plan goes first
+
+
+def version_stamp(tensors) -> Optional[tuple]:
+    """Who each tensor is, its version and its storage (a `.data =` assignment keeps the version);
+    None where one keeps no version (inference tensors)."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return None
+    return tuple(None if t is None else (weakref.ref(t), t._version, t.data_ptr()) for t in tensors)
+
+
+def same_stamp(stamp, tensors) -> bool:
+    for s, t in zip(stamp, tensors):
+        if s is None or t is None:
+            if s is not t:
+                return False
+        elif s[0]() is not t or s[1] != t._version or s[2] != t.data_ptr():
+            return False
+    return True
 
 
 def plans_apply(device: torch.device) -> bool:

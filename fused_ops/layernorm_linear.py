@@ -36,7 +36,6 @@ Kernels
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -47,6 +46,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
+from .launch_plans import LaunchPlans, current_stream, plans_apply, same_stamp, version_stamp
 from ._runtime import (TMA_FAMILIES, dot_precision, dot_upcast, max_shared_memory, pow2, rows, skips_dispatcher,
                        sm_count, tma_ok, use_triton)
 
@@ -560,24 +560,6 @@ def _launch_rows(x, g, b, w, bias, y, eps):
             HAS_BIAS=bias is not None, BLOCK_M=finish_m, BLOCK_N=finish_n, num_warps=4)
 
 
-def version_stamp(tensors) -> Optional[tuple]:
-    """Who each tensor is, its version and its storage (a `.data =` assignment keeps the version);
-    None where one keeps no version (inference tensors)."""
-    if any(t is not None and t.is_inference() for t in tensors):
-        return None
-    return tuple(None if t is None else (weakref.ref(t), t._version, t.data_ptr()) for t in tensors)
-
-
-def same_stamp(stamp, tensors) -> bool:
-    for s, t in zip(stamp, tensors):
-        if s is None or t is None:
-            if s is not t:
-                return False
-        elif s[0]() is not t or s[1] != t._version or s[2] != t.data_ptr():
-            return False
-    return True
-
-
 # weight -> (stamp of (weight, ln_weight, ln_bias, bias), [2, N] fp32 sums, folded weight or None);
 # entries die with the weight
 _WEIGHT_SUMS = WeakTensorKeyDictionary()
@@ -617,46 +599,74 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
 STATS_BLOCK_M, STATS_BLOCK_K, STATS_STAGES, STATS_WARPS = 2, 512, 4, 2
 
 
-def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float) -> None:
-    """stats [2, M] fp32 <- (mean, rstd) of each row of x [M, K] (row_stats_kernel)."""
+def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float) -> tuple:
+    """stats [2, M] fp32 <- (mean, rstd) of each row of x [M, K] (row_stats_kernel); returns the
+    launch as LaunchPlans.record takes it: (compiled kernel, grid, args, kwargs)."""
     M, K = x.shape
-    row_stats_kernel[(triton.cdiv(M, STATS_BLOCK_M),)](
-        x, stats, M, K, x.stride(0), eps, BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
-        STAGES=STATS_STAGES, num_warps=STATS_WARPS)
+    grid = (triton.cdiv(M, STATS_BLOCK_M),)
+    args = (x, stats, M, K, x.stride(0), eps)
+    kwargs = dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)), STAGES=STATS_STAGES,
+                  num_warps=STATS_WARPS)
+    return row_stats_kernel[grid](*args, **kwargs), grid, args, kwargs
 
 
-def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig) -> None:
+def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig) -> tuple:
     """y [M, N] <- the 16-bit gemm on x [M, K] and W' = folded [N, K], with the rows' stats
-    (launch_row_stats) and the weight's sums (weight_sums); tiles through TMA where it applies."""
+    (launch_row_stats) and the weight's sums (weight_sums); tiles through TMA where it applies.
+    Returns (compiled kernel, grid, args, kwargs, x's descriptor block or None)."""
     M, K = x.shape
     N = folded.shape[0]
     tma = tma_ok(x, folded)
+    x_block = [cfg.block_m, cfg.block_k] if tma else None
     x_desc, w_desc = x, folded
     if tma:
-        x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
+        x_desc = TensorDescriptor.from_tensor(x, x_block)
         w_desc = TensorDescriptor.from_tensor(folded, [cfg.block_n, cfg.block_k])
-    layernorm_linear_folded_gemm_kernel[(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)](
-        x, folded, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), folded.stride(0), y.stride(0), TMA=tma,
-        EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x), **gemm_constexprs(cfg), num_warps=cfg.num_warps)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    args = (x, folded, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), folded.stride(0), y.stride(0))
+    kwargs = dict(TMA=tma, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x), **gemm_constexprs(cfg),
+                  num_warps=cfg.num_warps)
+    return layernorm_linear_folded_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs, x_block
 
 
 def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
     """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config."""
     M, K = x.shape
     N = weight.shape[0]
+    params = (ln_weight, ln_bias, weight, bias)
+    planned = folds_weight(weight) and config is None and plans_apply(x.device)
+    if planned:
+        key = (x.device.index, current_stream(x.device), tuning.generation(), M, N, K, x.stride(0), x.dtype,
+               x.data_ptr() % 16, *map(id, params), eps)
+        stats_plan, gemm_plan = _STATS_PLANS.find(key, params), _GEMM_PLANS.find(key, params)
+        if stats_plan is not None and gemm_plan is not None:
+            stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
+            stats_plan.launch(x, stats)
+            x_block = gemm_plan.extra
+            gemm_plan.launch(x, TensorDescriptor.from_tensor(x, x_block) if x_block else x, stats, y)
+            return
     sums, folded = weight_sums(weight, ln_weight, ln_bias, bias)
     w = folded if folded is not None else rows(weight)
     cfg = config or pick_gemm_config(M, x.dtype, x.device)
     if folds_weight(w):
         stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
-        launch_row_stats(x, stats, eps)
-        launch_folded_gemm(x, w, stats, sums, y, cfg)
+        stats_launch = launch_row_stats(x, stats, eps)
+        *gemm_launch, x_block = launch_folded_gemm(x, w, stats, sums, y, cfg)
+        if planned:
+            _STATS_PLANS.record(key, params, *stats_launch, slots=("x_ptr", "stats_ptr"))
+            _GEMM_PLANS.record(key, params, *gemm_launch, slots=("x_ptr", "x_desc", "stats_ptr", "y_ptr"),
+                               extra=x_block or ())
     else:
         g = contiguous_vector(ln_weight)
         layernorm_linear_gemm_kernel[(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)](
             x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
             HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x),
             PRECISION=dot_precision(x.dtype), **gemm_constexprs(cfg), num_warps=cfg.num_warps)
+
+
+# eager launches of the 16-bit gemm path (statistics pass, then gemm) at a repeated call: launch_plans.py
+_STATS_PLANS = LaunchPlans(row_stats_kernel)
+_GEMM_PLANS = LaunchPlans(layernorm_linear_folded_gemm_kernel)
 
 
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):

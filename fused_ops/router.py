@@ -56,10 +56,10 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference, tuning
 from ._runtime import dot_precision, dot_upcast, pow2, rows, skips_dispatcher, sm_count, use_triton
-from .launch_plans import LaunchPlans, current_stream, plans_apply
+from .launch_plans import LaunchPlans, current_stream, plans_apply, same_stamp, version_stamp
 from .layernorm_linear import (contiguous_vector, divisible_args, dot_nt, ln_dot_sums, ln_project,
                                ln_stats, load_affine, load_k, prev_pow2, row_pivot, row_starts, rows_config,
-                               same_stamp, store_tile, version_stamp)
+                               store_tile)
 from .softmax import LOG2E, _laplace, _softmax_laplace_op
 from .topk import _topk_gating_op, topk_tile
 

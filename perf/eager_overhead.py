@@ -1,6 +1,7 @@
-"""CPU cost of an eager fused_router call at few rows (FuseMoE's router, x [32, 8320] bf16, E=8, k=4):
-wall microseconds per call in a tight loop (synchronised once at the end), where the CPU, not the
-GPU, sets the pace. Prints the torch eager pipeline beside the pieces of our call.
+"""CPU cost of eager calls at few rows: fused_router (FuseMoE's router, x [32, 8320] bf16, E=8, k=4)
+and layernorm_linear's gemm path (x [256, 8320] bf16, N=4096): wall microseconds per call in a tight
+loop (synchronised once at the end), where the CPU, not the GPU, sets the pace unless the kernels
+are longer. Prints the torch eager pipeline beside the pieces of our call.
 
     python -m perf.eager_overhead        (CUDA machine)
 """
@@ -10,6 +11,10 @@ import time
 
 import torch
 import triton
+
+import importlib
+
+import torch.nn.functional as F
 
 import fused_ops
 from fused_ops import reference, router
@@ -30,7 +35,7 @@ def per_call_us(fn, calls: int = 3000, warmup: int = 200) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def main() -> None:
+def router_pieces() -> dict:
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     g, b, w, wb = _params(E)
     params = (g, b, w, wb)
@@ -53,10 +58,31 @@ def main() -> None:
         "launcher without a plan": lambda: router.launch_fused_router(x, *params, *call, config=config),
         "  Triton jit launch alone": lambda: router.fused_router_kernel[grid](*args, **kwargs),
     }
-    print(f"x [{M}, {K}] bf16, E={E}, k={TOP_K}; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}")
-    for name, fn in pieces.items():
-        print(f"{name:30s} {per_call_us(fn):7.2f} us/call")
+    return {f"x [{M}, {K}] bf16, E={E}, k={TOP_K}": pieces}
+
+
+def layernorm_linear_pieces(rows: int = 256, N: int = 4096) -> dict:
+    LN = importlib.import_module("fused_ops.layernorm_linear")
+    x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+    g, b, bias = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in (K, K, N))
+    w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
+    config = LN.pick_gemm_config(rows, x.dtype, x.device)
+    y = torch.empty((rows, N), dtype=x.dtype, device="cuda")
+    pieces = {
+        "torch eager pipeline": lambda: F.linear(F.layer_norm(x, (K,), g, b), w, bias),
+        "layernorm_linear (public, plans)": lambda: fused_ops.layernorm_linear(x, g, b, w, bias),
+        "launcher without plans": lambda: LN._launch_gemm(x, g, b, w, bias, y, 1e-5, config),
+    }
+    return {f"x [{rows}, {K}] bf16, N={N}": pieces}
+
+
+def main() -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for case in (router_pieces, layernorm_linear_pieces):
+        for title, pieces in case().items():
+            print(title)
+            for name, fn in pieces.items():
+                print(f"  {name:32s} {per_call_us(fn):7.2f} us/call")
 
 
 if __name__ == "__main__":

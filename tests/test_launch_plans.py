@@ -1,15 +1,20 @@
-"""Launch plans (fused_ops/launch_plans.py): a repeated eager fused_router call launches the compiled
-kernel it kept, and anything that would change the launch (parameters changed in place or given new
-storage, x at another alignment, another stream, graph capture, inference-mode parameters) must
-give the reference's answer, through a new plan or none."""
+"""Launch plans (fused_ops/launch_plans.py): a repeated eager fused_router or 16-bit layernorm_linear
+gemm call launches the compiled kernels it kept, and anything that would change the launch
+(parameters changed in place or given new storage, x at another alignment, another stream, graph
+capture, inference-mode parameters) must give the reference's answer, through a new plan or none."""
+import importlib
+
 import pytest
 import torch
 
 import fused_ops
 from fused_ops import router
 
-from conftest import ON_GPU
+import test_layernorm_linear as ln_tests
+from conftest import ON_GPU, assert_close
 from test_router import _check, _inputs
+
+LN = importlib.import_module("fused_ops.layernorm_linear")     # the module; fused_ops.layernorm_linear is the op
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="plans exist on CUDA only (not under the interpreter)")
 
@@ -102,3 +107,58 @@ def test_inference_mode_parameters_keep_no_plan():
         for _ in range(2):
             _check(x, g, b, w, wb, torch.bfloat16, **KW)
     assert _plans() == 0
+
+
+def _ln_plans() -> tuple:
+    return len(LN._STATS_PLANS._plans), len(LN._GEMM_PLANS._plans)
+
+
+def _ln_check(x, g, b, w, bias):
+    y = fused_ops.layernorm_linear(x, g, b, w, bias)
+    assert_close(y, ln_tests._oracle(x, g, b, w, bias), torch.bfloat16)
+    return y
+
+
+@pytest.mark.parametrize("M", [256, 300])
+def test_layernorm_linear_gemm_plans(M):
+    """The statistics pass and the gemm each keep a plan: the same bits on repeats, the reference's
+    answer for fresh x, parameters changed in place or given new storage, and misaligned x."""
+    x, g, b, w, bias = ln_tests._inputs((M, 8320), 1024, torch.bfloat16)
+    LN._STATS_PLANS.clear(), LN._GEMM_PLANS.clear()
+    first = _ln_check(x, g, b, w, bias)
+    assert _ln_plans() == (1, 1)
+    for _ in range(3):
+        assert torch.equal(fused_ops.layernorm_linear(x, g, b, w, bias), first)
+    _ln_check(torch.randn_like(x), g, b, w, bias)
+    for update in (lambda: w.mul_(-1), lambda: g.add_(0.5), lambda: bias.zero_()):
+        update()
+        _ln_check(x, g, b, w, bias)
+    b.data = torch.randn_like(b)                 # new storage, version unchanged
+    _ln_check(x, g, b, w, bias)
+    flat = torch.randn(M * 8320 + 1, device="cuda").to(torch.bfloat16)
+    _ln_check(flat[1:].view(M, 8320), g, b, w, bias)                       # 2 bytes off 16: no TMA
+    assert _ln_plans() == (2, 2)
+
+
+def test_layernorm_linear_graph_capture_after_plans():
+    x, g, b, w, bias = ln_tests._inputs((256, 8320), 1024, torch.bfloat16)
+    expected = _ln_check(x, g, b, w, bias)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fused_ops.layernorm_linear(static_x, g, b, w, bias)
+        with torch.cuda.graph(graph, stream=side):
+            out = fused_ops.layernorm_linear(static_x, g, b, w, bias)
+    torch.cuda.current_stream().wait_stream(side)
+    fresh = torch.randn_like(x)
+    static_x.copy_(fresh)
+    graph.replay()
+    eager = fused_ops.layernorm_linear(fresh, g, b, w, bias)
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
