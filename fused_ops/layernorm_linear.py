@@ -14,7 +14,9 @@ and rounding the dot operand to bf16/tf32 costs bits of the spread, not of the m
 
 Kernels
 - rows: BLOCK_M rows x BLOCK_N columns per program, K streamed once, the sums W @ gamma and
-  W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for few rows.
+  W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for few float32
+  rows (16-bit rows at any M and large N take the gemm: at 1-16 rows x 8320 x 4096 on the H100 it
+  took 48 us where this kernel took 58-362 us, its per-step reductions binding it).
   When the grid cannot fill the GPU, K is split over programs and a finish kernel adds the parts.
   The router (router.py) builds its logits from the same helpers.
 - gemm (large N and M), W @ gamma and W @ beta + bias from `weight_sums_kernel`, run once per weight
@@ -51,7 +53,7 @@ from ._runtime import (TMA_FAMILIES, dot_precision, dot_upcast, max_shared_memor
                        sm_count, tma_ok, use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
-ROWS_MAX_M = 16          # up to this many rows, large N also takes the rows kernel (W read once)
+ROWS_MAX_M = 16          # float32: up to this many rows, large N also takes the rows kernel (W read once)
 ROWS_WIDE_BLOCK_N = 128  # column block of the rows kernel when N > ROWS_MAX_N
 TILE_BUDGET = 8192       # fp32 values in the widest per-step tile of the rows kernel (registers)
 ROWS_STAGE_BYTES = 65536  # shared memory for the rows kernel's pipeline: 3 K steps in flight, else 2
@@ -537,27 +539,57 @@ def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[i
     return triton.cdiv(K, k_chunk), k_chunk
 
 
-def _launch_rows(x, g, b, w, bias, y, eps):
+def _row_parts(slices: int, M: int, N: int, y: torch.Tensor) -> tuple:
+    """The rows kernel's per-slice partial sums (acc, row sums, column sums) where K is split, else
+    y three times (never touched)."""
+    if slices == 1:
+        return y, y, y
+    f32 = dict(dtype=torch.float32, device=y.device)
+    return (torch.empty((slices, M, N), **f32), torch.empty((slices, 2, M), **f32),
+            torch.empty((slices, 2, N), **f32))
+
+
+def _launch_rows(x, ln_weight, ln_bias, weight, bias, y, eps):
+    """y = layernorm_linear(x) for 2-D x through the rows kernel, and its finish kernel where K is
+    split; a repeated eager call launches the plans its first call kept (launch_plans.py)."""
     M, K = x.shape
-    N = w.shape[0]
+    N = weight.shape[0]
+    params = (ln_weight, ln_bias, weight, bias)
+    planned = plans_apply(x.device)
+    if planned:
+        key = (x.device.index, current_stream(x.device), M, N, K, x.stride(0), x.dtype, x.data_ptr() % 16,
+               *map(id, params), eps)
+        rows_plan, finish_plan = _ROWS_PLANS.find(key, params), _FINISH_PLANS.find(key, params)
+        if rows_plan is not None and (rows_plan.extra == 1 or finish_plan is not None):
+            parts = _row_parts(rows_plan.extra, M, N, y)
+            rows_plan.launch(x, y, *parts)
+            if rows_plan.extra > 1:
+                finish_plan.launch(*parts, y)
+            return
+    g, b, w, bias = contiguous_vector(ln_weight), contiguous_vector(ln_bias), rows(weight), contiguous_vector(bias)
     cfg = rows_config(M, N, K, sm_count(x.device), x.element_size())
     blocks = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     slices, k_chunk = _k_split(blocks[0] * blocks[1], K, cfg["BLOCK_K"], x.device)
-    split = slices > 1
-    f32 = dict(dtype=torch.float32, device=x.device)
-    acc_part = torch.empty((slices, M, N), **f32) if split else y
-    stat_part = torch.empty((slices, 2, M), **f32) if split else y
-    col_part = torch.empty((slices, 2, N), **f32) if split else y
-    layernorm_linear_rows_kernel[(*blocks, slices)](
-        x, g if g is not None else x, b if b is not None else x, w, bias if bias is not None else x, y,
-        acc_part, stat_part, col_part, M, N, K, k_chunk, x.stride(0), w.stride(0), y.stride(0), eps,
-        HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype), **cfg)
-    if split:
+    parts = _row_parts(slices, M, N, y)
+    # an absent vector's pointer (never read) is the weight's: a plan must keep no call's tensor
+    grid = (*blocks, slices)
+    args = (x, g if g is not None else w, b if b is not None else w, w, bias if bias is not None else w, y, *parts,
+            M, N, K, k_chunk, x.stride(0), w.stride(0), y.stride(0), eps)
+    kwargs = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None, SPLIT=slices > 1,
+                  DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype), **cfg)
+    compiled = layernorm_linear_rows_kernel[grid](*args, **kwargs)
+    if planned:
+        _ROWS_PLANS.record(key, params, compiled, grid, args, kwargs, extra=slices,
+                           slots=("x_ptr", "y_ptr", "acc_part_ptr", "stat_part_ptr", "col_part_ptr"))
+    if slices > 1:
         finish_m, finish_n = min(16, pow2(M)), min(128, pow2(N))
-        layernorm_linear_finish_kernel[(triton.cdiv(M, finish_m), triton.cdiv(N, finish_n))](
-            acc_part, stat_part, col_part, bias if bias is not None else y, y, M, N, K, slices, y.stride(0), eps,
-            HAS_BIAS=bias is not None, BLOCK_M=finish_m, BLOCK_N=finish_n, num_warps=4)
+        grid = (triton.cdiv(M, finish_m), triton.cdiv(N, finish_n))
+        args = (*parts, bias if bias is not None else w, y, M, N, K, slices, y.stride(0), eps)
+        kwargs = dict(HAS_BIAS=bias is not None, BLOCK_M=finish_m, BLOCK_N=finish_n, num_warps=4)
+        compiled = layernorm_linear_finish_kernel[grid](*args, **kwargs)
+        if planned:
+            _FINISH_PLANS.record(key, params, compiled, grid, args, kwargs,
+                                 slots=("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "y_ptr"))
 
 
 # weight -> (stamp of (weight, ln_weight, ln_bias, bias), [2, N] fp32 sums, folded weight or None);
@@ -664,7 +696,10 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
             PRECISION=dot_precision(x.dtype), **gemm_constexprs(cfg), num_warps=cfg.num_warps)
 
 
-# eager launches of the 16-bit gemm path (statistics pass, then gemm) at a repeated call: launch_plans.py
+# eager launches at a repeated call (launch_plans.py): the rows kernel and its finish, the 16-bit gemm
+# path's statistics pass and gemm
+_ROWS_PLANS = LaunchPlans(layernorm_linear_rows_kernel)
+_FINISH_PLANS = LaunchPlans(layernorm_linear_finish_kernel)
 _STATS_PLANS = LaunchPlans(row_stats_kernel)
 _GEMM_PLANS = LaunchPlans(layernorm_linear_folded_gemm_kernel)
 
@@ -675,9 +710,8 @@ def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         pass
-    elif N <= ROWS_MAX_N or M <= ROWS_MAX_M:
-        _launch_rows(x2, contiguous_vector(ln_weight), contiguous_vector(ln_bias), rows(weight),
-                     contiguous_vector(bias), y, eps)
+    elif N <= ROWS_MAX_N or (M <= ROWS_MAX_M and not folds_weight(weight)):
+        _launch_rows(x2, ln_weight, ln_bias, weight, bias, y, eps)
     else:
         _launch_gemm(x2, ln_weight, ln_bias, weight, bias, y, eps)
     return y.reshape(*x.shape[:-1], N)
@@ -736,7 +770,7 @@ def offline_builds():
                  "folded_ptr": f"*{dt}",
                  **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr", "stats_ptr")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
-        for M, N in ((32, 8), (8192, 8), (8192, 512), (8, 4096)):
+        for M, N in ((32, 8), (8192, 8), (8192, 512)) + (((8, 4096),) if dt == "fp32" else ()):
             cfg = dict(rows_config(M, N, K, n_sm=132, itemsize=dtype.itemsize))
             warps = cfg.pop("num_warps")
             divisible = divisible_args(M=M, N=N, K=K, k_chunk=cfg["BLOCK_K"], stride_x=K, stride_w=K, stride_y=N)

@@ -1,5 +1,5 @@
 """CPU cost of eager calls at few rows: fused_router (FuseMoE's router, x [32, 8320] bf16, E=8, k=4)
-and layernorm_linear's gemm path (x [256, 8320] bf16, N=4096): wall microseconds per call in a tight
+and layernorm_linear (x [256 or 8, 8320] bf16, N=4096): wall microseconds per call in a tight
 loop (synchronised once at the end), where the CPU, not the GPU, sets the pace unless the kernels
 are longer. Prints the torch eager pipeline beside the pieces of our call.
 
@@ -61,19 +61,22 @@ def router_pieces() -> dict:
     return {f"x [{M}, {K}] bf16, E={E}, k={TOP_K}": pieces}
 
 
-def layernorm_linear_pieces(rows: int = 256, N: int = 4096) -> dict:
+def layernorm_linear_pieces(N: int = 4096) -> dict:
+    """The gemm path at 256 rows, the rows kernel (K split, then its finish kernel) at 8."""
     LN = importlib.import_module("fused_ops.layernorm_linear")
-    x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
     g, b, bias = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in (K, K, N))
     w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
-    config = LN.pick_gemm_config(rows, x.dtype, x.device)
-    y = torch.empty((rows, N), dtype=x.dtype, device="cuda")
-    pieces = {
-        "torch eager pipeline": lambda: F.linear(F.layer_norm(x, (K,), g, b), w, bias),
-        "layernorm_linear (public, plans)": lambda: fused_ops.layernorm_linear(x, g, b, w, bias),
-        "launcher without plans": lambda: LN._launch_gemm(x, g, b, w, bias, y, 1e-5, config),
-    }
-    return {f"x [{rows}, {K}] bf16, N={N}": pieces}
+    tables = (LN._ROWS_PLANS, LN._FINISH_PLANS, LN._STATS_PLANS, LN._GEMM_PLANS)
+    out = {}
+    for rows in (256, 8):
+        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+        out[f"x [{rows}, {K}] bf16, N={N}"] = {
+            "torch eager pipeline": lambda x=x: F.linear(F.layer_norm(x, (K,), g, b), w, bias),
+            "layernorm_linear (public, plans)": lambda x=x: fused_ops.layernorm_linear(x, g, b, w, bias),
+            "the same, plans cleared each call": lambda x=x: ([t.clear() for t in tables],
+                                                              fused_ops.layernorm_linear(x, g, b, w, bias)),
+        }
+    return out
 
 
 def main() -> None:

@@ -109,35 +109,42 @@ def test_inference_mode_parameters_keep_no_plan():
     assert _plans() == 0
 
 
-def _ln_plans() -> tuple:
-    return len(LN._STATS_PLANS._plans), len(LN._GEMM_PLANS._plans)
+def _ln_plans() -> int:
+    return sum(len(p._plans) for p in (LN._ROWS_PLANS, LN._FINISH_PLANS, LN._STATS_PLANS, LN._GEMM_PLANS))
 
 
 def _ln_check(x, g, b, w, bias):
     y = fused_ops.layernorm_linear(x, g, b, w, bias)
-    assert_close(y, ln_tests._oracle(x, g, b, w, bias), torch.bfloat16)
+    assert_close(y, ln_tests._oracle(x, g, b, w, bias), x.dtype)
     return y
 
 
-@pytest.mark.parametrize("M", [256, 300])
-def test_layernorm_linear_gemm_plans(M):
-    """The statistics pass and the gemm each keep a plan: the same bits on repeats, the reference's
-    answer for fresh x, parameters changed in place or given new storage, and misaligned x."""
-    x, g, b, w, bias = ln_tests._inputs((M, 8320), 1024, torch.bfloat16)
-    LN._STATS_PLANS.clear(), LN._GEMM_PLANS.clear()
+@pytest.mark.parametrize("M, K, N, affine", [(256, 8320, 1024, "gamma, beta, bias"), (300, 8320, 1024, "gamma, bias"),
+                                             (8, 8320, 4096, "gamma, beta, bias"), (5, 1023, 64, "none")])
+def test_layernorm_linear_plans(M, K, N, affine):
+    """The rows kernel (and its finish where K is split), or the 16-bit gemm path's statistics pass and
+    gemm, keep plans: the same bits on repeats, the reference's answer for fresh x, parameters changed
+    in place or given new storage, and misaligned x (a plan of its own)."""
+    x, g, b, w, bias = ln_tests._inputs((M, K), N, torch.bfloat16, affine)
+    for plans in (LN._ROWS_PLANS, LN._FINISH_PLANS, LN._STATS_PLANS, LN._GEMM_PLANS):
+        plans.clear()
     first = _ln_check(x, g, b, w, bias)
-    assert _ln_plans() == (1, 1)
+    built = _ln_plans()
+    assert built in (1, 2)
     for _ in range(3):
         assert torch.equal(fused_ops.layernorm_linear(x, g, b, w, bias), first)
+    assert _ln_plans() == built
     _ln_check(torch.randn_like(x), g, b, w, bias)
-    for update in (lambda: w.mul_(-1), lambda: g.add_(0.5), lambda: bias.zero_()):
-        update()
+    for t, update in ((w, lambda t: t.mul_(-1)), (g, lambda t: t.add_(0.5)), (bias, lambda t: t.zero_())):
+        if t is not None:
+            update(t)
+            _ln_check(x, g, b, w, bias)
+    if b is not None:
+        b.data = torch.randn_like(b)             # new storage, version unchanged
         _ln_check(x, g, b, w, bias)
-    b.data = torch.randn_like(b)                 # new storage, version unchanged
-    _ln_check(x, g, b, w, bias)
-    flat = torch.randn(M * 8320 + 1, device="cuda").to(torch.bfloat16)
-    _ln_check(flat[1:].view(M, 8320), g, b, w, bias)                       # 2 bytes off 16: no TMA
-    assert _ln_plans() == (2, 2)
+    flat = torch.randn(M * K + 1, device="cuda").to(torch.bfloat16)
+    _ln_check(flat[1:].view(M, K), g, b, w, bias)                           # 2 bytes off 16: no TMA
+    assert _ln_plans() == 2 * built
 
 
 def test_layernorm_linear_graph_capture_after_plans():
