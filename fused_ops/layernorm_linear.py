@@ -16,7 +16,7 @@ Kernels
 - rows: BLOCK_M rows x BLOCK_N columns per program, K streamed once, the sums W @ gamma and
   W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for few float32
   rows (16-bit rows at any M and large N take the gemm: at 1-16 rows x 8320 x 4096 on the H100 it
-  took 48 us where this kernel took 58-362 us, its per-step reductions binding it).
+  took 48 us where this kernel took 58-365 us, its per-step reductions binding it).
   When the grid cannot fill the GPU, K is split over programs and a finish kernel adds the parts.
   The router (router.py) builds its logits from the same helpers.
 - gemm (large N and M), W @ gamma and W @ beta + bias from `weight_sums_kernel`, run once per weight
@@ -539,6 +539,12 @@ def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[i
     return triton.cdiv(K, k_chunk), k_chunk
 
 
+def _plan_key(x: torch.Tensor, N: int, params: tuple, eps: float) -> tuple:
+    """What a launch plan of either path depends on besides its parameters' stamps (launch_plans.py)."""
+    return (x.device.index, current_stream(x.device), tuning.generation(), *x.shape, N, x.stride(0), x.dtype,
+            x.data_ptr() % 16, *map(id, params), eps)
+
+
 def _row_parts(slices: int, M: int, N: int, y: torch.Tensor) -> tuple:
     """The rows kernel's per-slice partial sums (acc, row sums, column sums) where K is split, else
     y three times (never touched)."""
@@ -557,8 +563,7 @@ def _launch_rows(x, ln_weight, ln_bias, weight, bias, y, eps):
     params = (ln_weight, ln_bias, weight, bias)
     planned = plans_apply(x.device)
     if planned:
-        key = (x.device.index, current_stream(x.device), M, N, K, x.stride(0), x.dtype, x.data_ptr() % 16,
-               *map(id, params), eps)
+        key = _plan_key(x, N, params, eps)
         rows_plan, finish_plan = _ROWS_PLANS.find(key, params), _FINISH_PLANS.find(key, params)
         if rows_plan is not None and (rows_plan.extra == 1 or finish_plan is not None):
             parts = _row_parts(rows_plan.extra, M, N, y)
@@ -668,8 +673,7 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
     params = (ln_weight, ln_bias, weight, bias)
     planned = folds_weight(weight) and config is None and plans_apply(x.device)
     if planned:
-        key = (x.device.index, current_stream(x.device), tuning.generation(), M, N, K, x.stride(0), x.dtype,
-               x.data_ptr() % 16, *map(id, params), eps)
+        key = _plan_key(x, N, params, eps)
         stats_plan, gemm_plan = _STATS_PLANS.find(key, params), _GEMM_PLANS.find(key, params)
         if stats_plan is not None and gemm_plan is not None:
             stats = torch.empty((2, M), dtype=torch.float32, device=x.device)

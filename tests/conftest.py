@@ -19,6 +19,20 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture
+def plan_launches(monkeypatch):
+    """Counts the launches of kept kernels (and still makes them)."""
+    from fused_ops import launch_plans              # after the interpreter flag above
+    launched = []
+    launch = launch_plans.Plan.launch
+
+    def counted(self, *tensors):
+        launched.append(self)
+        launch(self, *tensors)
+    monkeypatch.setattr(launch_plans.Plan, "launch", counted)
+    return launched
+
+
 def pick(cpu, gpu):
     """Small sizes under the interpreter, larger ones on a GPU."""
     return gpu if ON_GPU else cpu

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_ops
-from fused_ops import launch_plans, reference, tuning
+from fused_ops import reference, tuning
 
 from conftest import ON_GPU, assert_close, assert_topk_match, rand
 from test_maxsim import oracle, pack
@@ -24,19 +24,6 @@ DTYPE = torch.bfloat16
 
 def _plans() -> int:
     return len(maxsim_module._PLANS._plans)
-
-
-@pytest.fixture
-def plan_launches(monkeypatch):
-    """Counts the launches of kept kernels (and still makes them)."""
-    launched = []
-    launch = launch_plans.Plan.launch
-
-    def counted(self, *tensors):
-        launched.append(self)
-        launch(self, *tensors)
-    monkeypatch.setattr(launch_plans.Plan, "launch", counted)
-    return launched
 
 
 def _inputs(Nq=4, Lq=40, Nd=50, Ld=33, d=64, lengths_dtype=torch.int64):
