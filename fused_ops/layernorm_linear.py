@@ -16,7 +16,7 @@ Kernels
 - rows: BLOCK_M rows x BLOCK_N columns per program, K streamed once, the sums W @ gamma and
   W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for few float32
   rows (16-bit rows at any M and large N take the gemm: at 1-16 rows x 8320 x 4096 on the H100 it
-  took 48 us where this kernel took 58-365 us, its per-step reductions binding it).
+  takes 32-34 us where this kernel took 58-365 us, its per-step reductions binding it).
   When the grid cannot fill the GPU, K is split over programs and a finish kernel adds the parts.
   The router (router.py) builds its logits from the same helpers.
 - gemm (large N and M), W @ gamma and W @ beta + bias from `weight_sums_kernel`, run once per weight
@@ -24,7 +24,9 @@ Kernels
   - 16-bit: a plain pipelined GEMM on raw x, y = rstd * (x @ W'^T - mean * W' 1) + W @ beta + bias,
     with W' = W * gamma folded and cached beside the sums, and (mean, rstd) from a stats pass that
     reads x once (row_stats_kernel, ~5% of the GEMM at 8192 x 8320 x 4096). Both operands go
-    straight from memory (TMA on sm_90/sm_100) to the tensor cores. Without the pivot the fp32
+    straight from memory (TMA on sm_90/sm_100) to the tensor cores. Where the tiles are fewer than
+    the SMs (few rows), K is split over programs that write fp32 parts, and a finish kernel reads
+    the rows' statistics as the stats pass does and adds the parts up (still two launches). Without the pivot the fp32
     accumulator carries x's mean: acc and mean * W' 1 each round by ~2^-24 |mean| |W'|, relative to
     an output of size std |W'|, a loss of ~2^-24 sqrt(K / BLOCK_K) |mean| / std. A 16-bit row whose
     spread is a few units in the last place of its mean has |mean| / std ~ 2^8 (bf16) or 2^11
@@ -38,6 +40,7 @@ Kernels
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -319,15 +322,12 @@ def add_shifted_sums(x_rows, kk, K, pivot, s1, s2):
 
 
 @triton.jit
-def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
-    """stats[0] = row mean, stats[1] = rstd, or 0 for a constant row (every x equal to the pivot:
+def row_mean_rstd(x_rows, K, eps, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """(mean, rstd) of the rows at x_rows, rstd 0 for a constant row (every x equal to the pivot:
     LN(x) = beta exactly, and the folded gemm's rounding must not be amplified by 1/sqrt(eps)).
     The first tile gives both the pivot (row_pivot's, without a second load) and the first sums; the
     loop's loads are pipelined STAGES deep. The sums stay per lane until the end: no cross-thread
     reduction inside the streaming loop."""
-    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_rows = row_starts(x_ptr, row, M, stride_x)
     lane = tl.arange(0, BLOCK_K)
     x = tl.load(x_rows[:, None] + lane[None, :], mask=(lane < K)[None, :], other=0.0).to(tl.float32)
     pivot = tile_pivot(x, K, BLOCK_K)
@@ -337,8 +337,17 @@ def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexp
         s1, s2 = add_shifted_sums(x_rows, k0 + lane, K, pivot, s1, s2)
     s2 = tl.sum(s2, axis=1)
     d, rstd = ln_stats(tl.sum(s1, axis=1), s2, K, eps)
-    tl.store(stats_ptr + row, pivot + d, mask=row < M)
-    tl.store(stats_ptr + M + row, tl.where(s2 == 0.0, 0.0, rstd), mask=row < M)
+    return pivot + d, tl.where(s2 == 0.0, 0.0, rstd)
+
+
+@triton.jit
+def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):
+    """stats[0] = row mean, stats[1] = rstd (row_mean_rstd) for the folded gemm's epilogue."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mean, rstd = row_mean_rstd(row_starts(x_ptr, row, M, stride_x), K, eps, BLOCK_K, STAGES)
+    tl.store(stats_ptr + row, mean, mask=row < M)
+    tl.store(stats_ptr + M + row, rstd, mask=row < M)
 
 
 @triton.jit
@@ -373,23 +382,32 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, M, N, K, 
 
 
 @triton.jit
-def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr, sums_ptr, y_ptr, M, N, K,
-                                        stride_x, stride_w, stride_y, TMA: tl.constexpr, EVEN_K: tl.constexpr,
-                                        DOT_UPCAST: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
-                                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr, sums_ptr, y_ptr, part_ptr, M, N, K,
+                                        k_chunk, stride_x, stride_w, stride_y, TMA: tl.constexpr,
+                                        EVEN_K: tl.constexpr, DOT_UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+                                        STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """16-bit: one [BLOCK_M, BLOCK_N] tile of y = rstd * (x @ W'^T - mean * W' 1) + (W @ beta + bias), a
     plain pipelined GEMM on raw x (both operands straight from memory to the tensor cores), with
     W' = W * gamma (folded by weight_sums_kernel) and the row stats from row_stats_kernel.
     TMA: the tiles come through the descriptors x_desc, w_desc (the bulk copy engine, which zero-fills
-    past M, N and K); else through pointers (x_desc, w_desc unused)."""
+    past M, N and K); else through pointers (x_desc, w_desc unused).
+    SPLIT: program (t, s) takes K slice s (k_chunk columns) of tile t and writes its raw x @ W'^T to
+    part [S, M, N] in fp32 (stats_ptr, y_ptr unused); folded_split_finish_kernel adds the slices up."""
     first_row, first_col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row = first_row + tl.arange(0, BLOCK_M)
     col = first_col + tl.arange(0, BLOCK_N)
     x_rows = row_starts(x_ptr, row, M, stride_x)
     w_rows = row_starts(w_ptr, col, N, stride_w)
     lane = tl.arange(0, BLOCK_K)
+    if SPLIT:
+        k_start = tl.program_id(1) * k_chunk
+        k_stop = tl.minimum(k_start + k_chunk, K)
+    else:
+        k_start = 0
+        k_stop = K
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
         if TMA:
             a = x_desc.load([first_row, k0])
             b = w_desc.load([first_col, k0])
@@ -401,8 +419,31 @@ def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr,
             acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(b), acc)
-    mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
-    rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
+    if SPLIT:
+        store_tile(part_ptr + tl.program_id(1).to(tl.int64) * M * N, N, row, col, M, N, acc)
+    else:
+        mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
+        rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
+        c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
+        c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
+        store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, mean, rstd, c1, c2))
+
+
+@triton.jit
+def folded_split_finish_kernel(x_ptr, part_ptr, sums_ptr, y_ptr, M, N, K, n_split, stride_x, stride_y, eps,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               STAGES: tl.constexpr):
+    """y for [BLOCK_M, BLOCK_N] of the split folded gemm: the rows' (mean, rstd) read from x here (every
+    column block reads its rows again, from L2: few rows take this path), the K slices' parts added."""
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mean, rstd = row_mean_rstd(row_starts(x_ptr, row, M, stride_x), K, eps, BLOCK_K, STAGES)
+    ok = (row < M)[:, None] & (col < N)[None, :]
+    parts = part_ptr + row.to(tl.int64)[:, None] * N + col[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for _ in range(n_split):                       # few rows: M * N stays in int32
+        acc += tl.load(parts, mask=ok, other=0.0)
+        parts += M * N
     c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
     c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
     store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, mean, rstd, c1, c2))
@@ -500,8 +541,9 @@ def gemm_fallback(bucket: str, family: str) -> GemmConfig:
     timing), cut to fit the family's shared memory. Every one compiles without spills for sm_90,
     sm_100 and sm_120 (offline_builds)."""
     M = int(bucket.removeprefix("M"))
-    if M <= 64:
-        config = GemmConfig(64, 128, 64, 8, 4, 4)
+    if M <= 128:                       # bound by the weight's read: small tiles, K split (gemm_split);
+        # H100, 1-128 rows x 8320 x 4096: 31.4-36.2 us, the fastest of three tiles (ln_few_rows.txt)
+        config = GemmConfig(64, 64, 128, 8, 4, 4)
     elif M <= 512 or family != "sm_90":
         config = GemmConfig(128, 128, 64, 8, 8, 4)
     else:                              # Hopper wgmma: the widest tile whose accumulator fits 8 warps;
@@ -530,13 +572,17 @@ def gemm_constexprs(config: GemmConfig) -> dict:
                 STAGES=config.num_stages)
 
 
-def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[int, int]:
-    """(slices, k_chunk): a grid of fewer programs than SMs splits K until ~2 programs per SM,
-    each slice a whole number of BLOCK_K steps."""
-    n_sm = sm_count(device)
-    slices = 1 if blocks >= n_sm else min(triton.cdiv(2 * n_sm, blocks), triton.cdiv(K, block_k))
-    k_chunk = triton.cdiv(triton.cdiv(K, slices), block_k) * block_k
+def _k_slices(slices: int, K: int, block_k: int) -> tuple[int, int]:
+    """(slices, k_chunk): K cut into about `slices` slices of whole BLOCK_K steps."""
+    k_chunk = triton.cdiv(triton.cdiv(K, min(max(1, slices), triton.cdiv(K, block_k))), block_k) * block_k
     return triton.cdiv(K, k_chunk), k_chunk
+
+
+def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(slices, k_chunk) of the rows kernel: a grid of fewer programs than SMs splits K until ~2
+    programs per SM."""
+    n_sm = sm_count(device)
+    return _k_slices(1 if blocks >= n_sm else triton.cdiv(2 * n_sm, blocks), K, block_k)
 
 
 def _plan_key(x: torch.Tensor, N: int, params: tuple, eps: float) -> tuple:
@@ -647,10 +693,23 @@ def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float) -> tuple:
     return row_stats_kernel[grid](*args, **kwargs), grid, args, kwargs
 
 
-def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig) -> tuple:
+def gemm_split(M: int, N: int, K: int, cfg: GemmConfig, device: torch.device) -> tuple[int, int]:
+    """(slices, k_chunk) of the 16-bit gemm: few rows leave most SMs without a tile (32 tiles at 1-64
+    rows x 4096 columns), and the weight is read at the pace of the SMs that hold one, so K is split
+    into as many slices as keep the programs within one per SM. Where half the SMs or more hold a
+    tile it is not: the parts' traffic and the finish cost more than the idle SMs (ln_few_rows.txt)."""
+    blocks = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    n_sm = sm_count(device)
+    return _k_slices(1 if 2 * blocks > n_sm else n_sm // blocks, K, cfg.block_k)
+
+
+def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig, slices: int = 1, k_chunk: int = 0,
+                       part: Optional[torch.Tensor] = None) -> tuple:
     """y [M, N] <- the 16-bit gemm on x [M, K] and W' = folded [N, K], with the rows' stats
     (launch_row_stats) and the weight's sums (weight_sums); tiles through TMA where it applies.
-    Returns (compiled kernel, grid, args, kwargs, x's descriptor block or None)."""
+    slices > 1: the K slices' raw products go to part [slices, M, N] instead (stats and y unused;
+    launch_split_finish writes y). Returns (compiled kernel, grid, args, kwargs, x's descriptor block
+    or None)."""
     M, K = x.shape
     N = folded.shape[0]
     tma = tma_ok(x, folded)
@@ -659,53 +718,101 @@ def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig) -> tuple:
     if tma:
         x_desc = TensorDescriptor.from_tensor(x, x_block)
         w_desc = TensorDescriptor.from_tensor(folded, [cfg.block_n, cfg.block_k])
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    args = (x, folded, x_desc, w_desc, stats, sums, y, M, N, K, x.stride(0), folded.stride(0), y.stride(0))
-    kwargs = dict(TMA=tma, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x), **gemm_constexprs(cfg),
-                  num_warps=cfg.num_warps)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), slices)
+    args = (x, folded, x_desc, w_desc, stats, sums, y, sums if part is None else part, M, N, K, k_chunk or K,
+            x.stride(0), folded.stride(0), y.stride(0))
+    kwargs = dict(TMA=tma, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x), SPLIT=slices > 1,
+                  **gemm_constexprs(cfg), num_warps=cfg.num_warps)
     return layernorm_linear_folded_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs, x_block
 
 
+# split finish: two rows and 512 columns a program (128 programs at 32 rows x 4096), each row's stats
+# read as row_stats_kernel reads them
+FINISH_BLOCK_N, FINISH_WARPS = 512, 4
+
+
+def launch_split_finish(x, part, sums, y, eps) -> tuple:
+    """y <- LayerNorm's projection of the split gemm's parts (folded_split_finish_kernel); returns the
+    launch as LaunchPlans.record takes it."""
+    M, K = x.shape
+    N = y.shape[1]
+    grid = (triton.cdiv(M, STATS_BLOCK_M), triton.cdiv(N, FINISH_BLOCK_N))
+    args = (x, part, sums, y, M, N, K, part.shape[0], x.stride(0), y.stride(0), eps)
+    kwargs = dict(BLOCK_M=STATS_BLOCK_M, BLOCK_N=FINISH_BLOCK_N, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
+                  STAGES=STATS_STAGES, num_warps=FINISH_WARPS)
+    return folded_split_finish_kernel[grid](*args, **kwargs), grid, args, kwargs
+
+
 def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
-    """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config."""
+    """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config.
+    16-bit: the stats pass and the gemm, or where K is split (gemm_split) the gemm and the finish."""
     M, K = x.shape
     N = weight.shape[0]
     params = (ln_weight, ln_bias, weight, bias)
     planned = folds_weight(weight) and config is None and plans_apply(x.device)
     if planned:
         key = _plan_key(x, N, params, eps)
-        stats_plan, gemm_plan = _STATS_PLANS.find(key, params), _GEMM_PLANS.find(key, params)
-        if stats_plan is not None and gemm_plan is not None:
-            stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
-            stats_plan.launch(x, stats)
-            x_block = gemm_plan.extra
-            gemm_plan.launch(x, TensorDescriptor.from_tensor(x, x_block) if x_block else x, stats, y)
+        if _launch_planned_gemm(key, params, x, y):
             return
     sums, folded = weight_sums(weight, ln_weight, ln_bias, bias)
     w = folded if folded is not None else rows(weight)
     cfg = config or pick_gemm_config(M, x.dtype, x.device)
-    if folds_weight(w):
+    if not folds_weight(w):
+        g = contiguous_vector(ln_weight)
+        layernorm_linear_gemm_kernel[(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)](
+            x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
+            HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x),
+            PRECISION=dot_precision(x.dtype), **gemm_constexprs(cfg), num_warps=cfg.num_warps)
+        return
+    slices, k_chunk = gemm_split(M, N, K, cfg, x.device)
+    if slices == 1:
         stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
         stats_launch = launch_row_stats(x, stats, eps)
         *gemm_launch, x_block = launch_folded_gemm(x, w, stats, sums, y, cfg)
         if planned:
             _STATS_PLANS.record(key, params, *stats_launch, slots=("x_ptr", "stats_ptr"))
             _GEMM_PLANS.record(key, params, *gemm_launch, slots=("x_ptr", "x_desc", "stats_ptr", "y_ptr"),
-                               extra=x_block or ())
+                               extra=(1, x_block))
+        return
+    part = torch.empty((slices, M, N), dtype=torch.float32, device=x.device)
+    # the unused stats and y pointers are the sums and the weight: a plan keeps no call's tensor
+    *gemm_launch, x_block = launch_folded_gemm(x, w, sums, sums, w, cfg, slices, k_chunk, part)
+    finish_launch = launch_split_finish(x, part, sums, y, eps)
+    if planned:
+        _GEMM_PLANS.record(key, params, *gemm_launch, slots=("x_ptr", "x_desc", "part_ptr"), extra=(slices, x_block))
+        _SPLIT_FINISH_PLANS.record(key, params, *finish_launch, slots=("x_ptr", "part_ptr", "y_ptr"))
+
+
+def _launch_planned_gemm(key, params, x, y) -> bool:
+    """Launches the 16-bit gemm path's plans for `key` if both are kept; False if not."""
+    gemm_plan = _GEMM_PLANS.find(key, params)
+    if gemm_plan is None:
+        return False
+    slices, x_block = gemm_plan.extra
+    other_plan = (_STATS_PLANS if slices == 1 else _SPLIT_FINISH_PLANS).find(key, params)
+    if other_plan is None:
+        return False
+    x_desc = TensorDescriptor.from_tensor(x, x_block) if x_block else x
+    M, N = y.shape
+    if slices == 1:
+        stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
+        other_plan.launch(x, stats)
+        gemm_plan.launch(x, x_desc, stats, y)
     else:
-        g = contiguous_vector(ln_weight)
-        layernorm_linear_gemm_kernel[(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)](
-            x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
-            HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x),
-            PRECISION=dot_precision(x.dtype), **gemm_constexprs(cfg), num_warps=cfg.num_warps)
+        part = torch.empty((slices, M, N), dtype=torch.float32, device=x.device)
+        gemm_plan.launch(x, x_desc, part)
+        other_plan.launch(x, part, y)
+    return True
 
 
 # eager launches at a repeated call (launch_plans.py): the rows kernel and its finish, the 16-bit gemm
-# path's statistics pass and gemm
+# path's statistics pass and gemm, or its split gemm and finish
 _ROWS_PLANS = LaunchPlans(layernorm_linear_rows_kernel)
 _FINISH_PLANS = LaunchPlans(layernorm_linear_finish_kernel)
 _STATS_PLANS = LaunchPlans(row_stats_kernel)
 _GEMM_PLANS = LaunchPlans(layernorm_linear_folded_gemm_kernel)
+_SPLIT_FINISH_PLANS = LaunchPlans(folded_split_finish_kernel)
+PLAN_TABLES = (_ROWS_PLANS, _FINISH_PLANS, _STATS_PLANS, _GEMM_PLANS, _SPLIT_FINISH_PLANS)
 
 
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
@@ -738,9 +845,9 @@ def gemm_shipped_configs() -> list:
 
 def _gemm_builds(dt: str, types: dict, K: int) -> list:
     """The gemm at every config it ships with, N = 4096: float32's one tile; each 16-bit config
-    through pointers and, on the TMA families, through descriptors."""
+    through pointers and, on the TMA families, through descriptors, whole and K-split (gemm_split)."""
     from .offline import TARGETS, KernelBuild
-    divisible = divisible_args(M=8192, N=4096, K=K, stride_x=K, stride_w=K, stride_y=4096)
+    divisible = divisible_args(M=8192, N=4096, K=K, k_chunk=2112, stride_x=K, stride_w=K, stride_y=4096)
     if dt == "fp32":
         cfg = GEMM_FP32
         return [KernelBuild("ln_linear_gemm_fp32", layernorm_linear_gemm_kernel, types,
@@ -748,17 +855,17 @@ def _gemm_builds(dt: str, types: dict, K: int) -> list:
                                  **gemm_constexprs(cfg)), num_warps=cfg.num_warps, targets=TARGETS,
                             divisible=divisible)]
     builds = []
-    for label, cfg, targets in gemm_shipped_configs():
-        common = dict(EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, **gemm_constexprs(cfg))
+    for (label, cfg, targets), split in itertools.product(gemm_shipped_configs(), (False, True)):
+        common = dict(EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, SPLIT=split, **gemm_constexprs(cfg))
+        name = f"ln_linear_gemm_{dt}_{label}{'_split' if split else ''}"
         pointers = {**types, "x_desc": f"*{dt}", "w_desc": f"*{dt}"}
-        builds.append(KernelBuild(f"ln_linear_gemm_{dt}_{label}", layernorm_linear_folded_gemm_kernel, pointers,
-                                  dict(TMA=False, **common), num_warps=cfg.num_warps, uses_dot=True, targets=targets,
-                                  divisible=divisible))
+        builds.append(KernelBuild(name, layernorm_linear_folded_gemm_kernel, pointers, dict(TMA=False, **common),
+                                  num_warps=cfg.num_warps, uses_dot=True, targets=targets, divisible=divisible))
         tma_targets = tuple(cc for cc in targets if cc // 10 in TMA_FAMILIES)
         if tma_targets:
             descs = {"x_desc": f"tensordesc<{dt}[{cfg.block_m}, {cfg.block_k}]>",
                      "w_desc": f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_k}]>"}
-            builds.append(KernelBuild(f"ln_linear_gemm_{dt}_{label}_tma", layernorm_linear_folded_gemm_kernel,
+            builds.append(KernelBuild(f"{name}_tma", layernorm_linear_folded_gemm_kernel,
                                       {**types, **descs}, dict(TMA=True, **common), num_warps=cfg.num_warps,
                                       uses_dot=True, targets=tma_targets, divisible=divisible))
     return builds
@@ -772,7 +879,8 @@ def offline_builds():
         types = {**{n: "i32" for n in ("M", "N", "K", "k_chunk", "stride_x", "stride_w", "stride_y", "n_split")},
                  "eps": "fp32", **{n: f"*{dt}" for n in ("x_ptr", "g_ptr", "b_ptr", "w_ptr", "bias_ptr", "y_ptr")},
                  "folded_ptr": f"*{dt}",
-                 **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr", "stats_ptr")}}
+                 **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr", "stats_ptr",
+                                         "part_ptr")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
         for M, N in ((32, 8), (8192, 8), (8192, 512)) + (((8, 4096),) if dt == "fp32" else ()):
             cfg = dict(rows_config(M, N, K, n_sm=132, itemsize=dtype.itemsize))
@@ -789,6 +897,11 @@ def offline_builds():
                                   dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, FOLD=dt != "fp32",
                                        BLOCK_N=16, BLOCK_K=512),
                                   divisible=divisible_args(N=4096, K=K, stride_w=K)))
+        if dt != "fp32":
+            builds.append(KernelBuild(f"ln_linear_split_finish_{dt}", folded_split_finish_kernel, types,
+                                      dict(BLOCK_M=STATS_BLOCK_M, BLOCK_N=FINISH_BLOCK_N, BLOCK_K=STATS_BLOCK_K,
+                                           STAGES=STATS_STAGES), num_warps=FINISH_WARPS,
+                                      divisible=divisible_args(M=32, N=4096, K=K, stride_x=K, stride_y=4096)))
         builds.append(KernelBuild(f"ln_linear_row_stats_{dt}", row_stats_kernel, types,
                                   dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=STATS_BLOCK_K, STAGES=STATS_STAGES),
                                   num_warps=STATS_WARPS,

@@ -62,18 +62,18 @@ def router_pieces() -> dict:
 
 
 def layernorm_linear_pieces(N: int = 4096) -> dict:
-    """The gemm path at 256 rows, the rows kernel (K split, then its finish kernel) at 8."""
+    """The 16-bit gemm path: at 256 rows the statistics pass and the gemm, at 8 the gemm split over K
+    and its finish kernel."""
     LN = importlib.import_module("fused_ops.layernorm_linear")
     g, b, bias = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in (K, K, N))
     w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
-    tables = (LN._ROWS_PLANS, LN._FINISH_PLANS, LN._STATS_PLANS, LN._GEMM_PLANS)
     out = {}
     for rows in (256, 8):
         x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
         out[f"x [{rows}, {K}] bf16, N={N}"] = {
             "torch eager pipeline": lambda x=x: F.linear(F.layer_norm(x, (K,), g, b), w, bias),
             "layernorm_linear (public, plans)": lambda x=x: fused_ops.layernorm_linear(x, g, b, w, bias),
-            "the same, plans cleared each call": lambda x=x: ([t.clear() for t in tables],
+            "the same, plans cleared each call": lambda x=x: ([t.clear() for t in LN.PLAN_TABLES],
                                                               fused_ops.layernorm_linear(x, g, b, w, bias)),
         }
     return out

@@ -110,7 +110,7 @@ def test_inference_mode_parameters_keep_no_plan():
 
 
 def _ln_plans() -> int:
-    return sum(len(p._plans) for p in (LN._ROWS_PLANS, LN._FINISH_PLANS, LN._STATS_PLANS, LN._GEMM_PLANS))
+    return sum(len(p._plans) for p in LN.PLAN_TABLES)
 
 
 def _ln_check(x, g, b, w, bias):
@@ -123,10 +123,10 @@ def _ln_check(x, g, b, w, bias):
                                              (8, 8320, 4096, "gamma, beta, bias"), (5, 1023, 64, "none")])
 def test_layernorm_linear_plans(plan_launches, M, K, N, affine):
     """The rows kernel (and its finish where K is split), or the 16-bit gemm path's statistics pass and
-    gemm, keep plans: repeats launch them (same bits), and the reference's answer for fresh x,
+    gemm (or split gemm and finish), keep plans: repeats launch them (same bits), and the reference's answer for fresh x,
     parameters changed in place or given new storage, and misaligned x (a plan of its own)."""
     x, g, b, w, bias = ln_tests._inputs((M, K), N, torch.bfloat16, affine)
-    for plans in (LN._ROWS_PLANS, LN._FINISH_PLANS, LN._STATS_PLANS, LN._GEMM_PLANS):
+    for plans in LN.PLAN_TABLES:
         plans.clear()
     first = _ln_check(x, g, b, w, bias)
     kernels = ln_tests._expected({"rows"}, (M, K), N, torch.bfloat16)      # the path this shape takes

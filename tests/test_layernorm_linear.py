@@ -14,10 +14,12 @@ from conftest import DEVICE, DTYPES, ON_GPU, assert_close, pick, rand
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
 KERNELS = ("layernorm_linear_rows_kernel", "layernorm_linear_finish_kernel", "layernorm_linear_gemm_kernel",
-           "layernorm_linear_folded_gemm_kernel", "row_stats_kernel", "weight_sums_kernel")
+           "layernorm_linear_folded_gemm_kernel", "folded_split_finish_kernel", "row_stats_kernel",
+           "weight_sums_kernel")
 
 # (x shape, N, kernels expected; the gemm's weight_sums kernel runs only on a cache miss, so it is
-# left out; "gemm" is the float32 gemm or the 16-bit stats + folded gemm, see _expected). On CPU the
+# left out; "gemm" is the float32 gemm, or the 16-bit stats + folded gemm, or where K is split the
+# folded gemm + its finish, see _expected). On CPU the
 # interpreter reports 4 SMs, so ~8 programs fill it: that picks the paths below; on a GPU, "rows"
 # adds "finish" wherever the grid is too small for the device's SMs.
 CASES = [
@@ -37,6 +39,8 @@ CASES = [
     ((8, 8320), 4096, {"rows"}),
     ((4097, 1023), 4096, {"gemm"}),
     ((300, 8320), 1000, {"gemm"}),
+    ((1, 8320), 4096, {"rows"}),                 # 16-bit: the gemm's 32 tiles, K split over programs
+    ((3, 4001), 1000, {"rows"}),                 # 16-bit: K split, the last slice past K's last step
 ])
 AFFINE = ["gamma, beta, bias", "none", "gamma, bias"]
 
@@ -79,7 +83,9 @@ def _expected(kernels, shape, N, dtype):
     if N > LN.ROWS_MAX_N and dtype != torch.float32:           # 16-bit, wide N: the gemm at any M
         kernels = {"gemm"}
     if "gemm" in kernels and dtype != torch.float32:
-        return kernels - {"gemm"} | {"row_stats", "folded_gemm"}
+        M, K, device = math.prod(shape[:-1]), shape[-1], torch.device(DEVICE)
+        split = LN.gemm_split(M, N, K, LN.pick_gemm_config(M, dtype, device), device)[0] > 1
+        return kernels - {"gemm"} | ({"folded_gemm", "folded_split_finish"} if split else {"row_stats", "folded_gemm"})
     if ON_GPU and kernels == {"rows"}:
         M, K = math.prod(shape[:-1]), shape[-1]
         cfg = LN.rows_config(M, N, K, LN.sm_count(torch.device(DEVICE)), dtype.itemsize)
@@ -135,6 +141,27 @@ def test_constant_rows(dtype, shape, N):
     expected = (w.double() @ b.double() + bias.double()).to(dtype)
     assert_close(y[0], expected, dtype)
     assert_close(y[-1], expected, dtype)
+    assert_close(y, _oracle(x, g, b, w, bias), dtype)
+
+
+SPLIT_TILE = LN.GemmConfig(64, 256, 64, 8, 8, 3)     # 2 column blocks at N = 300: K split on CPU's 4 SMs too
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M, K", [(3, 1000), (40, 200)])
+def test_split_gemm(monkeypatch, dtype, M, K):
+    """The 16-bit gemm with K split over programs (its finish kernel reads the rows' statistics and
+    adds the parts): every element of a poisoned y written, the reference's answer, a constant row
+    (y = W @ beta + bias) and a row with a large mean included."""
+    x, g, b, w, bias = _inputs((M, K), 300, dtype)
+    x[0] = 1234.5
+    x[-1] += 100.0
+    assert LN.gemm_split(M, 300, K, SPLIT_TILE, x.device)[0] > 1
+    log = _KernelLog(monkeypatch)
+    y = torch.full((M, 300), float("nan"), dtype=dtype, device=DEVICE)
+    LN._launch_gemm(x, g, b, w, bias, y, 1e-5, SPLIT_TILE)
+    assert log.names - {"weight_sums"} == {"folded_gemm", "folded_split_finish"}
+    assert_close(y[0], (w.double() @ b.double() + bias.double()).to(dtype), dtype)
     assert_close(y, _oracle(x, g, b, w, bias), dtype)
 
 

@@ -99,16 +99,18 @@ def test_names_and_buckets():
         assert MS.tuning_bucket(1, 1, dim, dtype).split("_")[0] == bucket.split("_")[0]
 
 
-# the heuristic tables the fallbacks replaced: (M, family) -> (BM, BN, BK, GROUP_M, warps, stages)
-OLD_GEMM = {(40, "sm_90"): (64, 128, 64, 8, 4, 4), (300, "sm_90"): (128, 128, 64, 8, 8, 4),
-            (8192, "sm_90"): (256, 128, 64, 8, 8, 4), (8192, "sm_100"): (128, 128, 64, 8, 8, 4),
-            (40, "sm_120"): (64, 128, 64, 8, 4, 2), (3000, "sm_120"): (128, 128, 64, 8, 8, 2)}
+# the gemm's fallback table: (M, family) -> (BM, BN, BK, GROUP_M, warps, stages), cut to the family's
+# shared memory (sm_120: 2 stages)
+FALLBACK_GEMM = {(40, "sm_90"): (64, 64, 128, 8, 4, 4), (128, "sm_100"): (64, 64, 128, 8, 4, 4),
+                 (300, "sm_90"): (128, 128, 64, 8, 8, 4), (8192, "sm_90"): (256, 128, 64, 8, 8, 4),
+                 (8192, "sm_100"): (128, 128, 64, 8, 8, 4), (40, "sm_120"): (64, 64, 128, 8, 4, 2),
+                 (3000, "sm_120"): (128, 128, 64, 8, 8, 2)}
 
 
-@pytest.mark.parametrize("M, family", OLD_GEMM)
-def test_gemm_fallback_is_the_old_table(M, family):
+@pytest.mark.parametrize("M, family", FALLBACK_GEMM)
+def test_gemm_fallback_table(M, family):
     t = tunables.tuning.TUNABLES["layernorm_linear"]
-    expected = LN.GemmConfig(*OLD_GEMM[(M, family)])
+    expected = LN.GemmConfig(*FALLBACK_GEMM[(M, family)])
     assert LN.gemm_fallback(LN.gemm_bucket(M), family) == expected
     assert t.fallback(dict(M=M, **tunables.REFERENCE_LN), family) == expected
 
@@ -239,13 +241,13 @@ def test_maxsim_topk_takes_its_own_entry_and_scoring_keeps_its_own(config_dir, m
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forced_gemm_configs_from_the_space_match_the_reference(monkeypatch, dtype):
-    """Non-default candidates: a K step past K (masked tail), and a 256-wide column block past N."""
+    """Non-default candidates: 5 stages over a masked K tail, and a 256-wide column block past N."""
     shape = dict(M=40, **tunables.REFERENCE_LN)
     space = tuning.TUNABLES["layernorm_linear"].space("sm_90", shape)
     x, g, b, w, bias = _ln_inputs(40, 200, 520, dtype)
     ref = _ln_oracle(x, g, b, w, bias)
     log = _LaunchLog(monkeypatch, LN, "layernorm_linear_folded_gemm_kernel")
-    for config in (LN.GemmConfig(64, 64, 128, 8, 4, 4), LN.GemmConfig(64, 256, 64, 8, 8, 3)):
+    for config in (LN.GemmConfig(64, 128, 64, 8, 4, 5), LN.GemmConfig(64, 256, 64, 8, 8, 3)):
         assert config in space and config != LN.gemm_fallback("M64", "sm_90")
         y = torch.full((40, 520), float("nan"), dtype=dtype, device=DEVICE)
         LN._launch_gemm(x, g, b, w, bias, y, 1e-5, config)
