@@ -15,8 +15,8 @@ and rounding the dot operand to bf16/tf32 costs bits of the spread, not of the m
 Kernels
 - rows: BLOCK_M rows x BLOCK_N columns per program, K streamed once, the sums W @ gamma and
   W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for few float32
-  rows (16-bit rows at any M and large N take the gemm: at 1-16 rows x 8320 x 4096 on the H100 it
-  takes 32-34 us where this kernel took 58-365 us, its per-step reductions binding it).
+  rows (16-bit rows at any M and large N take the gemm: at 1-64 rows x 8320 x 4096 on the H100 it
+  takes 32-33 us where this kernel took 58-365 us, its per-step reductions binding it).
   When the grid cannot fill the GPU, K is split over programs and a finish kernel adds the parts.
   The router (router.py) builds its logits from the same helpers.
 - gemm (large N and M), W @ gamma and W @ beta + bias from `weight_sums_kernel`, run once per weight
@@ -541,8 +541,12 @@ def gemm_fallback(bucket: str, family: str) -> GemmConfig:
     timing), cut to fit the family's shared memory. Every one compiles without spills for sm_90,
     sm_100 and sm_120 (offline_builds)."""
     M = int(bucket.removeprefix("M"))
-    if M <= 128:                       # bound by the weight's read: small tiles, K split (gemm_split);
-        # H100, 1-128 rows x 8320 x 4096: 31.4-36.2 us, the fastest of three tiles (ln_few_rows.txt)
+    # up to 128 rows the gemm is bound by the weight's read and K is split (gemm_split); of three tiles at
+    # 8320 x 4096 on the H100 and the H200 (ln_few_rows.txt), 64x128x64 is the fastest at 1-8 rows and
+    # 64x64x128 at 32-128
+    if M <= 16:
+        config = GemmConfig(64, 128, 64, 8, 4, 4)
+    elif M <= 128:
         config = GemmConfig(64, 64, 128, 8, 4, 4)
     elif M <= 512 or family != "sm_90":
         config = GemmConfig(128, 128, 64, 8, 8, 4)
@@ -837,7 +841,7 @@ def gemm_shipped_configs() -> list:
     """(label, config, compile targets) of every 16-bit gemm config a launcher can choose: each
     family's fallback (one M bucket per row of its table) and every entry of the shipped JSON."""
     configs = [(f"M{M}_sm{cc}", gemm_fallback(gemm_bucket(M), family), (cc,))
-               for family, cc in tuning.FAMILY_CC.items() for M in (64, 512, 8192)]
+               for family, cc in tuning.FAMILY_CC.items() for M in (16, 128, 512, 8192)]
     configs += [(label, gemm_from_json(entry), targets)
                 for targets, label, entry in tuning.shipped_entries("layernorm_linear")]
     return configs
