@@ -24,16 +24,16 @@ Kernels
   - 16-bit: a plain pipelined GEMM on raw x, y = rstd * (x @ W'^T - mean * W' 1) + W @ beta + bias,
     with W' = W * gamma folded and cached beside the sums, and (mean, rstd) from a stats pass that
     reads x once (row_stats_kernel, ~5% of the GEMM at 8192 x 8320 x 4096). Both operands go
-    straight from memory (TMA on sm_90/sm_100) to the tensor cores. Where the tiles are fewer than
-    the SMs (few rows), K is split over programs that write fp32 parts, and a finish kernel reads
-    the rows' statistics as the stats pass does and adds the parts up (still two launches). Without the pivot the fp32
-    accumulator carries x's mean: acc and mean * W' 1 each round by ~2^-24 |mean| |W'|, relative to
-    an output of size std |W'|, a loss of ~2^-24 sqrt(K / BLOCK_K) |mean| / std. A 16-bit row whose
-    spread is a few units in the last place of its mean has |mean| / std ~ 2^8 (bf16) or 2^11
-    (fp16): at K = 8320 a loss of ~2e-4 or ~2e-3, under the 1e-2 those dtypes are held to (the
-    float32 pivot path has no such term). A constant row (std = 0) would
-    multiply the rounding by 1/sqrt(eps): its stats pass gives rstd = 0, so y = W @ beta + bias,
-    exactly LayerNorm's answer.
+    straight from memory (TMA on sm_90/sm_100) to the tensor cores. Where the tiles would leave half
+    the SMs or more idle (few rows), K is split over programs that write fp32 parts, and a finish
+    kernel reads the rows' statistics as the stats pass does and adds the parts up (still two
+    launches: gemm_split). Without the pivot the fp32 accumulator carries x's mean: acc and mean *
+    W' 1 each round by ~2^-24 |mean| |W'|, relative to an output of size std |W'|, a loss of ~2^-24
+    sqrt(K / BLOCK_K) |mean| / std. A 16-bit row whose spread is a few units in the last place of
+    its mean has |mean| / std ~ 2^8 (bf16) or 2^11 (fp16): at K = 8320 a loss of ~2e-4 or ~2e-3,
+    under the 1e-2 those dtypes are held to (the float32 pivot path has no such term). A constant
+    row (std = 0) would multiply the rounding by 1/sqrt(eps): its stats pass gives rstd = 0, so y =
+    W @ beta + bias, exactly LayerNorm's answer.
   - float32 (fp32 tolerance): the pivot path; the row statistics come from the x tiles it loads,
     shifted and scaled in registers, for the dot.
 """

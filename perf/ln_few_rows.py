@@ -6,7 +6,7 @@ each path's error against a float64 reference.
 up, 2 * SMs / tiles rounded up, and K whole (the statistics pass + gemm it ran before the split);
 cuBLAS F.linear alone and torch beside them.
 float32 (rows kernel up to 16 rows): the rows path against its gemm path, cuBLAS and torch.
-(perf/results/NVIDIA_H100_80GB_HBM3/ln_few_rows.txt)
+(perf/results/NVIDIA_H100_80GB_HBM3/ln_few_rows.txt, perf/results/NVIDIA_H200/ln_few_rows.txt)
 
     python -m perf.ln_few_rows        (CUDA machine)
 """

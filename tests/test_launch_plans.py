@@ -119,12 +119,13 @@ def _ln_check(x, g, b, w, bias):
     return y
 
 
-@pytest.mark.parametrize("M, K, N, affine", [(256, 8320, 1024, "gamma, beta, bias"), (300, 8320, 1024, "gamma, bias"),
+@pytest.mark.parametrize("M, K, N, affine", [(256, 8320, 4096, "gamma, beta, bias"), (300, 8320, 1024, "gamma, bias"),
                                              (8, 8320, 4096, "gamma, beta, bias"), (5, 1023, 64, "none")])
 def test_layernorm_linear_plans(plan_launches, M, K, N, affine):
     """The rows kernel (and its finish where K is split), or the 16-bit gemm path's statistics pass and
-    gemm (or split gemm and finish), keep plans: repeats launch them (same bits), and the reference's answer for fresh x,
-    parameters changed in place or given new storage, and misaligned x (a plan of its own)."""
+    gemm (256 x 4096) or its gemm split over K and finish (the others), keep plans: repeats launch them
+    (same bits), and the reference's answer for fresh x, parameters changed in place or given new
+    storage, and misaligned x (a plan of its own)."""
     x, g, b, w, bias = ln_tests._inputs((M, K), N, torch.bfloat16, affine)
     for plans in LN.PLAN_TABLES:
         plans.clear()

@@ -1,6 +1,7 @@
 """layernorm_linear against the float64 reference, on every kernel path: the rows kernel (broadcast
-and tl.dot tiles, split-K with its finish kernel, wide N) and the gemm kernel with its cached
-column sums. Which kernels ran is recorded, so the case list provably covers each path."""
+and tl.dot tiles, split-K with its finish kernel, wide N) and the gemm kernels with their cached
+column sums (16-bit: whole K after a statistics pass, or split over K with its own finish). Which
+kernels ran is recorded, so the case list provably covers each path."""
 import importlib
 import math
 
