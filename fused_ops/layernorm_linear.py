@@ -701,7 +701,9 @@ def gemm_split(M: int, N: int, K: int, cfg: GemmConfig, device: torch.device) ->
     """(slices, k_chunk) of the 16-bit gemm: few rows leave most SMs without a tile (32 tiles at 1-64
     rows x 4096 columns), and the weight is read at the pace of the SMs that hold one, so K is split
     into as many slices as keep the programs within one per SM. Where half the SMs or more hold a
-    tile it is not: the parts' traffic and the finish cost more than the idle SMs (ln_few_rows.txt)."""
+    tile it is not: a split pays there only while every program stays resident (H100, ln_few_rows.txt:
+    128 tiles of 64x64x128 at 128 rows took 41 us split in two against 36 whole, 128 of 64x128x64 at
+    256 rows 49 against 52), and the tuned 256-row tiles fit one program an SM."""
     blocks = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     n_sm = sm_count(device)
     return _k_slices(1 if 2 * blocks > n_sm else n_sm // blocks, K, cfg.block_k)
