@@ -14,9 +14,10 @@ and rounding the dot operand to bf16/tf32 costs bits of the spread, not of the m
 
 Kernels
 - rows: BLOCK_M rows x BLOCK_N columns per program, K streamed once, the sums W @ gamma and
-  W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for few float32
-  rows (16-bit rows at any M and large N take the gemm: at 1-64 rows x 8320 x 4096 on the H100 it
-  takes 32-33 us where this kernel took 58-365 us, its per-step reductions binding it).
+  W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for 1-2 float32
+  rows (more rows at large N take the gemm: at 1-64 16-bit rows x 8320 x 4096 on the H100 it takes
+  32-33 us where this kernel took 58-365 us, and 158 us at 3-16 float32 rows against 207-369, this
+  kernel's per-step reductions binding it).
   When the grid cannot fill the GPU, K is split over programs and a finish kernel adds the parts.
   The router (router.py) builds its logits from the same helpers.
 - gemm (large N and M), W @ gamma and W @ beta + bias from `weight_sums_kernel`, run once per weight
@@ -35,7 +36,8 @@ Kernels
     row (std = 0) would multiply the rounding by 1/sqrt(eps): its stats pass gives rstd = 0, so y =
     W @ beta + bias, exactly LayerNorm's answer.
   - float32 (fp32 tolerance): the pivot path; the row statistics come from the x tiles it loads,
-    shifted and scaled in registers, for the dot.
+    shifted and scaled in registers, for the dot (FMA units: tiles by M, GEMM_FP32). K is split by
+    the same rule; each slice's row sums go beside its part, and the rows kernel's finish adds them.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ from ._runtime import (TMA_FAMILIES, dot_precision, dot_upcast, max_shared_memor
                        sm_count, tma_ok, use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
-ROWS_MAX_M = 16          # float32: up to this many rows, large N also takes the rows kernel (W read once)
+ROWS_MAX_M = 2           # float32: up to this many rows, large N also takes the rows kernel (W read once;
+                         # 91 and 130 us at 1 and 2 rows x 8320 x 4096 on the H100, the gemm 158)
 ROWS_WIDE_BLOCK_N = 128  # column block of the rows kernel when N > ROWS_MAX_N
 TILE_BUDGET = 8192       # fp32 values in the widest per-step tile of the rows kernel (registers)
 ROWS_STAGE_BYTES = 65536  # shared memory for the rows kernel's pipeline: 3 K steps in flight, else 2
@@ -252,9 +255,11 @@ def layernorm_linear_rows_kernel(x_ptr, g_ptr, b_ptr, w_ptr, bias_ptr, y_ptr, ac
 
 @triton.jit
 def layernorm_linear_finish_kernel(acc_part_ptr, stat_part_ptr, col_part_ptr, bias_ptr, y_ptr, M, N, K,
-                                   n_split, stride_y, eps, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                   BLOCK_N: tl.constexpr):
-    """Adds up the rows kernel's K slices and writes y."""
+                                   n_split, stride_y, eps, HAS_BIAS: tl.constexpr, COL_PARTS: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Adds up the K slices of the rows kernel or the float32 gemm and writes y. COL_PARTS: the slices'
+    column sums (c1, c2) are in col_part [S, 2, N] (the rows kernel), else col_part holds the whole
+    [2, N] sums, bias included (the gemm's cached weight_sums)."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = row < M
@@ -271,11 +276,15 @@ def layernorm_linear_finish_kernel(acc_part_ptr, stat_part_ptr, col_part_ptr, bi
         acc += tl.load(accs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         s1 += tl.load(stats, mask=row_ok, other=0.0)
         s2 += tl.load(stats + M, mask=row_ok, other=0.0)
-        c1 += tl.load(cols, mask=col_ok, other=0.0)
-        c2 += tl.load(cols + N, mask=col_ok, other=0.0)
         accs += M * N
         stats += 2 * M
-        cols += 2 * N
+        if COL_PARTS:
+            c1 += tl.load(cols, mask=col_ok, other=0.0)
+            c2 += tl.load(cols + N, mask=col_ok, other=0.0)
+            cols += 2 * N
+    if not COL_PARTS:
+        c1 = tl.load(cols, mask=col_ok, other=0.0)
+        c2 = tl.load(cols + N, mask=col_ok, other=0.0)
     if HAS_BIAS:
         c2 += tl.load(bias_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
     d, rstd = ln_stats(s1, s2, K, eps)
@@ -362,23 +371,60 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
-                                 eps, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                                 PRECISION: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """float32: one [BLOCK_M, BLOCK_N] tile of y, pivot-shifted x through registers; sums = (W @ gamma,
-    W @ beta + bias) from weight_sums_kernel."""
+def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, acc_part_ptr, stat_part_ptr, M, N, K, k_chunk,
+                                 stride_x, stride_w, stride_y, eps, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr,
+                                 PRECISION: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 GROUP_M: tl.constexpr):
+    """float32: one [BLOCK_M, BLOCK_N] tile of y, a = (x - pivot) * gamma through registers into the dot;
+    sums = (W @ gamma, W @ beta + bias) from weight_sums_kernel. The rows' shifted sums stay per lane
+    until after the loop (a cross-thread reduction every step bound the few-row kernel before).
+    SPLIT: program (t, s) takes K slice s (k_chunk columns) of tile t and writes its acc to
+    acc_part [S, M, N] and, from column block 0, its rows' (s1, s2) to stat_part [S, 2, M], for
+    layernorm_linear_finish_kernel (sums_ptr, y_ptr unused). Every slice shifts by the same pivot
+    (the mean of the row's first BLOCK_K values), so the parts add up."""
     first_row, first_col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row = first_row + tl.arange(0, BLOCK_M)
     col = first_col + tl.arange(0, BLOCK_N)
     x_rows = row_starts(x_ptr, row, M, stride_x)
-    acc, s1, s2, _, _, _, _ = ln_dot_sums(
-        x_rows, row_pivot(x_rows, K, BLOCK_K), row_starts(w_ptr, col, N, stride_w), g_ptr, g_ptr, 0, K, K,
-        HAS_GAMMA, False, False, False, EVEN_K, True, DOT_UPCAST, PRECISION, STAGES, BLOCK_K)
-    d, rstd = ln_stats(s1, s2, K, eps)
-    c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
-    c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
-    store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
+    w_rows = row_starts(w_ptr, col, N, stride_w)
+    pivot = row_pivot(x_rows, K, BLOCK_K)
+    if SPLIT:
+        k_start = tl.program_id(1) * k_chunk
+        k_stop = tl.minimum(k_start + k_chunk, K)
+    else:
+        k_start = 0
+        k_stop = K
+    lane = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    s1 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
+        kk = k0 + lane
+        k_ok = kk < K
+        xs = load_k(x_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K) - pivot[:, None]
+        if not EVEN_K:
+            xs = tl.where(k_ok[None, :], xs, 0.0)
+        s1 += xs
+        s2 += xs * xs
+        if HAS_GAMMA:
+            xs *= load_k(g_ptr + kk, k_ok, EVEN_K)[None, :]
+        w = load_k(w_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K)
+        acc = tl.dot(xs, tl.trans(w), acc, input_precision=PRECISION)
+    s1 = tl.sum(s1, axis=1)
+    s2 = tl.sum(s2, axis=1)
+    if SPLIT:
+        split = tl.program_id(1).to(tl.int64)
+        store_tile(acc_part_ptr + split * M * N, N, row, col, M, N, acc)
+        if first_col == 0:                         # the row sums are the same for every column block
+            stats = stat_part_ptr + split * 2 * M + row
+            tl.store(stats, s1, mask=row < M)
+            tl.store(stats + M, s2, mask=row < M)
+    else:
+        d, rstd = ln_stats(s1, s2, K, eps)
+        c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
+        c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
+        store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
 
 
 @triton.jit
@@ -468,8 +514,8 @@ def rows_config(M: int, N: int, K: int, n_sm: int, itemsize: int) -> dict:
     launch path is latency at small M): callers must not modify the dict.
 
     N <= ROWS_MAX_N: one column block, so x is read once; rows per program grow with M (the
-    weight tile is re-read from L2 once per row block). Wider N: all rows (<= 16) in one block,
-    so W is read once, and the columns split over programs. Blocks of 16+ rows use tl.dot, fewer
+    weight tile is re-read from L2 once per row block). Wider N (float32 rows up to ROWS_MAX_M):
+    all rows in one block, so W is read once, and the columns split over programs. Blocks of 16+ rows use tl.dot, fewer
     rows a broadcast product in fp32 registers (no operand rounding).
     """
     programs = 2 * n_sm
@@ -509,9 +555,17 @@ class GemmConfig:
     num_stages: int
 
 
-# float32 (the pivot path, FMA units unless tf32 is allowed) holds both operand tiles in
-# registers: one small tile for every M and device, not tuned
-GEMM_FP32 = GemmConfig(64, 64, 32, 8, 4, 3)
+# float32 (the pivot path, FMA units unless tf32 is allowed): tiles by M, not tuned. Of 13 tiles at
+# 8320 x 4096 on the H100 (perf/ln_fp32_tiles.py, ln_fp32_tiles.txt; K split by gemm_split), the fastest
+# that spill nothing: 158 us at 3-16 rows, 311 at 32, 348 at 64, 410 at 128, 812 at 256, 3248 at 1024
+# (128 x 256 x 16 took 775 at 256 and 2442 at 1024, but spills in its loop)
+GEMM_FP32 = ((32, GemmConfig(16, 128, 32, 8, 4, 3)), (64, GemmConfig(64, 128, 32, 8, 8, 3)),
+             (None, GemmConfig(128, 128, 32, 8, 8, 3)))
+
+
+def gemm_fp32_config(M: int) -> GemmConfig:
+    """The float32 gemm's tile for M rows (GEMM_FP32)."""
+    return next(cfg for most, cfg in GEMM_FP32 if most is None or M <= most)
 
 
 def gemm_bucket(M: int) -> str:
@@ -566,7 +620,7 @@ def pick_gemm_config(M: int, dtype: torch.dtype, device: torch.device) -> GemmCo
     """The tuned entry of M's bucket for this device, else the fallback; both cut to the device's
     own shared memory where it has less than its family (a no-op on sm_90, sm_100 and sm_120)."""
     if dtype == torch.float32:
-        config = GEMM_FP32
+        config = gemm_fp32_config(M)
     else:
         config = tuning.config_for("layernorm_linear", gemm_bucket(M), gemm_fallback, gemm_from_json)
     return fit_shared(config, max_shared_memory(device), dtype.itemsize)
@@ -638,14 +692,23 @@ def _launch_rows(x, ln_weight, ln_bias, weight, bias, y, eps):
         _ROWS_PLANS.record(key, params, compiled, grid, args, kwargs, extra=slices,
                            slots=("x_ptr", "y_ptr", "acc_part_ptr", "stat_part_ptr", "col_part_ptr"))
     if slices > 1:
-        finish_m, finish_n = min(16, pow2(M)), min(128, pow2(N))
-        grid = (triton.cdiv(M, finish_m), triton.cdiv(N, finish_n))
-        args = (*parts, bias if bias is not None else w, y, M, N, K, slices, y.stride(0), eps)
-        kwargs = dict(HAS_BIAS=bias is not None, BLOCK_M=finish_m, BLOCK_N=finish_n, num_warps=4)
-        compiled = layernorm_linear_finish_kernel[grid](*args, **kwargs)
+        finish_launch = launch_finish(*parts, bias if bias is not None else w, y, K, eps, has_bias=bias is not None)
         if planned:
-            _FINISH_PLANS.record(key, params, compiled, grid, args, kwargs,
+            _FINISH_PLANS.record(key, params, *finish_launch,
                                  slots=("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "y_ptr"))
+
+
+def launch_finish(acc_part, stat_part, col_part, bias, y, K, eps, has_bias=False) -> tuple:
+    """y <- the K slices' partial sums added up (layernorm_linear_finish_kernel): col_part [S, 2, N]
+    from the rows kernel, or the gemm's cached [2, N] sums (bias included). Returns the launch as
+    LaunchPlans.record takes it."""
+    M, N = y.shape
+    block_m, block_n = min(16, pow2(M)), min(128, pow2(N))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    args = (acc_part, stat_part, col_part, bias, y, M, N, K, acc_part.shape[0], y.stride(0), eps)
+    kwargs = dict(HAS_BIAS=has_bias, COL_PARTS=col_part.dim() == 3, BLOCK_M=block_m, BLOCK_N=block_n,
+                  num_warps=4)
+    return layernorm_linear_finish_kernel[grid](*args, **kwargs), grid, args, kwargs
 
 
 # weight -> (stamp of (weight, ln_weight, ln_bias, bias), [2, N] fp32 sums, folded weight or None);
@@ -756,7 +819,7 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
     M, K = x.shape
     N = weight.shape[0]
     params = (ln_weight, ln_bias, weight, bias)
-    planned = folds_weight(weight) and config is None and plans_apply(x.device)
+    planned = config is None and plans_apply(x.device)
     if planned:
         key = _plan_key(x, N, params, eps)
         if _launch_planned_gemm(key, params, x, y):
@@ -765,11 +828,7 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
     w = folded if folded is not None else rows(weight)
     cfg = config or pick_gemm_config(M, x.dtype, x.device)
     if not folds_weight(w):
-        g = contiguous_vector(ln_weight)
-        layernorm_linear_gemm_kernel[(triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)](
-            x, g if g is not None else x, w, sums, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), eps,
-            HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x),
-            PRECISION=dot_precision(x.dtype), **gemm_constexprs(cfg), num_warps=cfg.num_warps)
+        _launch_fp32_gemm(x, contiguous_vector(ln_weight), w, sums, y, eps, cfg, key if planned else None, params)
         return
     slices, k_chunk = gemm_split(M, N, K, cfg, x.device)
     if slices == 1:
@@ -790,8 +849,60 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
         _SPLIT_FINISH_PLANS.record(key, params, *finish_launch, slots=("x_ptr", "part_ptr", "y_ptr"))
 
 
+def fp32_parts(slices: int, M: int, N: int, device: torch.device) -> tuple:
+    """The float32 gemm's per-slice partial sums (acc [S, M, N], row sums [S, 2, M])."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return torch.empty((slices, M, N), **f32), torch.empty((slices, 2, M), **f32)
+
+
+def launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, slices: int = 1, k_chunk: int = 0,
+                     parts: Optional[tuple] = None) -> tuple:
+    """y [M, N] <- the float32 gemm on x [M, K] and W [N, K] with the weight's sums (weight_sums);
+    slices > 1: the K slices' partial sums go to parts (fp32_parts) instead, for launch_finish.
+    Returns the launch as LaunchPlans.record takes it."""
+    M, K = x.shape
+    N = w.shape[0]
+    acc_part, stat_part = parts or (sums, sums)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), slices)
+    # an absent gamma's pointer (never read) is the weight's: a plan must keep no call's tensor
+    args = (x, g if g is not None else w, w, sums, y, acc_part, stat_part, M, N, K, k_chunk or K, x.stride(0),
+            w.stride(0), y.stride(0), eps)
+    kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, PRECISION=dot_precision(x.dtype),
+                  SPLIT=slices > 1, **gemm_constexprs(cfg), num_warps=cfg.num_warps)
+    return layernorm_linear_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs
+
+
+def _launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, key, params) -> None:
+    """The float32 gemm, whole or K-split (gemm_split) with its finish; plans kept under `key` (None:
+    none)."""
+    M, K = x.shape
+    N = w.shape[0]
+    slices, k_chunk = gemm_split(M, N, K, cfg, x.device)
+    parts = fp32_parts(slices, M, N, x.device) if slices > 1 else None
+    gemm_launch = launch_fp32_gemm(x, g, w, sums, y, eps, cfg, slices, k_chunk, parts)
+    if key is not None:
+        slots = ("x_ptr", "acc_part_ptr", "stat_part_ptr") if parts else ("x_ptr", "y_ptr")
+        _FP32_GEMM_PLANS.record(key, params, *gemm_launch, slots=slots, extra=slices)
+    if parts:
+        finish_launch = launch_finish(*parts, sums, w, y, K, eps)
+        if key is not None:
+            _FINISH_PLANS.record(key, params, *finish_launch, slots=("acc_part_ptr", "stat_part_ptr", "y_ptr"))
+
+
 def _launch_planned_gemm(key, params, x, y) -> bool:
-    """Launches the 16-bit gemm path's plans for `key` if both are kept; False if not."""
+    """Launches the gemm path's plans for `key` if all are kept; False if not."""
+    fp32_plan = _FP32_GEMM_PLANS.find(key, params)
+    if fp32_plan is not None:
+        if fp32_plan.extra == 1:
+            fp32_plan.launch(x, y)
+            return True
+        finish_plan = _FINISH_PLANS.find(key, params)
+        if finish_plan is None:
+            return False
+        parts = fp32_parts(fp32_plan.extra, *y.shape, x.device)
+        fp32_plan.launch(x, *parts)
+        finish_plan.launch(*parts, y)
+        return True
     gemm_plan = _GEMM_PLANS.find(key, params)
     if gemm_plan is None:
         return False
@@ -816,10 +927,11 @@ def _launch_planned_gemm(key, params, x, y) -> bool:
 # path's statistics pass and gemm, or its split gemm and finish
 _ROWS_PLANS = LaunchPlans(layernorm_linear_rows_kernel)
 _FINISH_PLANS = LaunchPlans(layernorm_linear_finish_kernel)
+_FP32_GEMM_PLANS = LaunchPlans(layernorm_linear_gemm_kernel)
 _STATS_PLANS = LaunchPlans(row_stats_kernel)
 _GEMM_PLANS = LaunchPlans(layernorm_linear_folded_gemm_kernel)
 _SPLIT_FINISH_PLANS = LaunchPlans(folded_split_finish_kernel)
-PLAN_TABLES = (_ROWS_PLANS, _FINISH_PLANS, _STATS_PLANS, _GEMM_PLANS, _SPLIT_FINISH_PLANS)
+PLAN_TABLES = (_ROWS_PLANS, _FINISH_PLANS, _FP32_GEMM_PLANS, _STATS_PLANS, _GEMM_PLANS, _SPLIT_FINISH_PLANS)
 
 
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
@@ -851,16 +963,18 @@ def gemm_shipped_configs() -> list:
 
 
 def _gemm_builds(dt: str, types: dict, K: int) -> list:
-    """The gemm at every config it ships with, N = 4096: float32's one tile; each 16-bit config
-    through pointers and, on the TMA families, through descriptors, whole and K-split (gemm_split)."""
-    from .offline import TARGETS, KernelBuild
+    """The gemm at every config it ships with, N = 4096, whole and K-split (gemm_split): float32's
+    tiles; each 16-bit config through pointers and, on the TMA families, through descriptors."""
+    from .offline import KernelBuild
     divisible = divisible_args(M=8192, N=4096, K=K, k_chunk=2112, stride_x=K, stride_w=K, stride_y=4096)
-    if dt == "fp32":
-        cfg = GEMM_FP32
-        return [KernelBuild("ln_linear_gemm_fp32", layernorm_linear_gemm_kernel, types,
-                            dict(HAS_GAMMA=True, PRECISION="ieee", EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False,
-                                 **gemm_constexprs(cfg)), num_warps=cfg.num_warps, targets=TARGETS,
-                            divisible=divisible)]
+    if dt == "fp32":                   # each tile as pick_gemm_config cuts it to the family's shared memory
+        return [KernelBuild(f"ln_linear_gemm_fp32_{cfg.block_m}x{cfg.block_n}_sm{cc}{'_split' if split else ''}",
+                            layernorm_linear_gemm_kernel, types,
+                            dict(HAS_GAMMA=True, PRECISION="ieee", EVEN_K=K % cfg.block_k == 0, SPLIT=split,
+                                 **gemm_constexprs(fit_shared(cfg, tuning.SHARED_LIMIT[family], 4))),
+                            num_warps=cfg.num_warps, targets=(cc,), divisible=divisible)
+                for (_, cfg), (family, cc), split in itertools.product(GEMM_FP32, tuning.FAMILY_CC.items(),
+                                                                       (False, True))]
     builds = []
     for (label, cfg, targets), split in itertools.product(gemm_shipped_configs(), (False, True)):
         common = dict(EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, SPLIT=split, **gemm_constexprs(cfg))
@@ -889,7 +1003,7 @@ def offline_builds():
                  **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr", "stats_ptr",
                                          "part_ptr")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
-        for M, N in ((32, 8), (8192, 8), (8192, 512)) + (((8, 4096),) if dt == "fp32" else ()):
+        for M, N in ((32, 8), (8192, 8), (8192, 512)) + (((ROWS_MAX_M, 4096),) if dt == "fp32" else ()):
             cfg = dict(rows_config(M, N, K, n_sm=132, itemsize=dtype.itemsize))
             warps = cfg.pop("num_warps")
             divisible = divisible_args(M=M, N=N, K=K, k_chunk=cfg["BLOCK_K"], stride_x=K, stride_w=K, stride_y=N)
@@ -898,8 +1012,9 @@ def offline_builds():
                                           layernorm_linear_rows_kernel, types,
                                           {**flags, **cfg, "SPLIT": split},
                                           num_warps=warps, divisible=divisible))
-        builds.append(KernelBuild(f"ln_linear_finish_{dt}", layernorm_linear_finish_kernel, types,
-                                  dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=128)))
+        builds += [KernelBuild(f"ln_linear_finish_{dt}{'' if col_parts else '_sums'}", layernorm_linear_finish_kernel,
+                               types, dict(HAS_BIAS=col_parts, COL_PARTS=col_parts, BLOCK_M=16, BLOCK_N=128))
+                   for col_parts in (True, False)]
         builds.append(KernelBuild(f"ln_linear_weight_sums_{dt}", weight_sums_kernel, types,
                                   dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, FOLD=dt != "fp32",
                                        BLOCK_N=16, BLOCK_K=512),

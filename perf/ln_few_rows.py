@@ -4,8 +4,7 @@ each path's error against a float64 reference.
 16-bit: the public op, and the gemm path at three tiles, each with K cut into SMs // tiles slices
 (what the op does where its tiles leave half the SMs or more idle: gemm_split), SMs / tiles rounded
 up, 2 * SMs / tiles rounded up, and K whole (the statistics pass + gemm it ran before the split);
-cuBLAS F.linear alone and torch beside them.
-float32 (rows kernel up to 16 rows): the rows path against its gemm path, cuBLAS and torch.
+cuBLAS F.linear alone and torch beside them. (float32: perf/ln_fp32_tiles.py.)
 (perf/results/NVIDIA_H100_80GB_HBM3/ln_few_rows.txt, perf/results/NVIDIA_H200/ln_few_rows.txt)
 
     python -m perf.ln_few_rows        (CUDA machine)
@@ -55,7 +54,7 @@ def error(y, want) -> float:
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           "CUDA-graph us per call")
-    for dt, rows in ((torch.bfloat16, (1, 8, 32, 64, 128, 256)), (torch.float32, (1, 4, 8, 16, 32))):
+    for dt, rows in ((torch.bfloat16, (1, 8, 32, 64, 128, 256)),):
         g, b, bias = (torch.randn(n, device="cuda", dtype=dt) for n in (K, K, N))
         w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(dt)
         for M in rows:
@@ -63,20 +62,15 @@ def main() -> None:
             y = torch.empty(M, N, device="cuda", dtype=dt)
             want = F.linear(F.layer_norm(x.double(), (K,), g.double(), b.double()), w.double(), bias.double())
             out = [f"public op {timed(lambda: fused_ops.layernorm_linear(x, g, b, w, bias)):.1f}"]
-            if dt == torch.float32:
-                for name, launch in (("rows path", LN._launch_rows), ("gemm path", LN._launch_gemm)):
-                    t = timed(lambda: launch(x, g, b, w, bias, y, 1e-5))
-                    out.append(f"{name} {t:.1f} (err {error(y, want):.1e})")
-            else:
-                picked = LN.pick_gemm_config(M, dt, x.device)
-                for cfg in TILES:
-                    tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/{cfg.num_stages}"
-                    for name, slicing in SPLITS.items():
-                        with split_policy(slicing):
-                            slices = LN.gemm_split(M, N, K, cfg, x.device)[0]
-                            t = timed(lambda: LN._launch_gemm(x, g, b, w, bias, y, 1e-5, cfg))
-                        mark = "*" if cfg == picked and slicing is None else ""
-                        out.append(f"{tile} {name}{mark} [{slices}] {t:.1f} (err {error(y, want):.1e})")
+            picked = LN.pick_gemm_config(M, dt, x.device)
+            for cfg in TILES:
+                tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/{cfg.num_stages}"
+                for name, slicing in SPLITS.items():
+                    with split_policy(slicing):
+                        slices = LN.gemm_split(M, N, K, cfg, x.device)[0]
+                        t = timed(lambda: LN._launch_gemm(x, g, b, w, bias, y, 1e-5, cfg))
+                    mark = "*" if cfg == picked and slicing is None else ""
+                    out.append(f"{tile} {name}{mark} [{slices}] {t:.1f} (err {error(y, want):.1e})")
             out.append(f"cublas {timed(lambda: F.linear(x, w, bias)):.1f}")
             out.append(f"torch {timed(lambda: F.linear(F.layer_norm(x, (K,), g, b), w, bias)):.1f}")
             print(dt, "M", M, " | ".join(out), flush=True)

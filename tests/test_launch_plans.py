@@ -119,18 +119,24 @@ def _ln_check(x, g, b, w, bias):
     return y
 
 
-@pytest.mark.parametrize("M, K, N, affine", [(256, 8320, 4096, "gamma, beta, bias"), (300, 8320, 1024, "gamma, bias"),
-                                             (8, 8320, 4096, "gamma, beta, bias"), (5, 1023, 64, "none")])
-def test_layernorm_linear_plans(plan_launches, M, K, N, affine):
-    """The rows kernel (and its finish where K is split), or the 16-bit gemm path's statistics pass and
-    gemm (256 x 4096) or its gemm split over K and finish (the others), keep plans: repeats launch them
-    (same bits), and the reference's answer for fresh x, parameters changed in place or given new
-    storage, and misaligned x (a plan of its own)."""
-    x, g, b, w, bias = ln_tests._inputs((M, K), N, torch.bfloat16, affine)
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+@pytest.mark.parametrize("M, K, N, affine, dtype", [
+    (256, 8320, 4096, "gamma, beta, bias", BF16), (300, 8320, 1024, "gamma, bias", BF16),
+    (8, 8320, 4096, "gamma, beta, bias", BF16), (5, 1023, 64, "none", BF16),
+    (8, 8320, 4096, "gamma, beta, bias", FP32), (1024, 200, 4096, "gamma, bias", FP32)])
+def test_layernorm_linear_plans(plan_launches, M, K, N, affine, dtype):
+    """The rows kernel (and its finish where K is split), the 16-bit gemm path's statistics pass and
+    gemm (256 x 4096) or its gemm split over K and finish (300 and 8 rows), and the float32 gemm, split
+    with its finish (8 rows) or whole (1024), keep plans: repeats launch them (same bits), and the
+    reference's answer for fresh x, parameters changed in place or given new storage, and misaligned
+    x (a plan of its own)."""
+    x, g, b, w, bias = ln_tests._inputs((M, K), N, dtype, affine)
     for plans in LN.PLAN_TABLES:
         plans.clear()
     first = _ln_check(x, g, b, w, bias)
-    kernels = ln_tests._expected({"rows"}, (M, K), N, torch.bfloat16)      # the path this shape takes
+    kernels = ln_tests._expected({"rows"}, (M, K), N, dtype)      # the path this shape takes
     built = _ln_plans()
     assert built == len(kernels) and not plan_launches
     for _ in range(3):
@@ -144,8 +150,8 @@ def test_layernorm_linear_plans(plan_launches, M, K, N, affine):
     if b is not None:
         b.data = torch.randn_like(b)             # new storage, version unchanged
         _ln_check(x, g, b, w, bias)
-    flat = torch.randn(M * K + 1, device="cuda").to(torch.bfloat16)
-    _ln_check(flat[1:].view(M, K), g, b, w, bias)                           # 2 bytes off 16: no TMA
+    flat = torch.randn(M * K + 1, device="cuda").to(dtype)
+    _ln_check(flat[1:].view(M, K), g, b, w, bias)                           # off 16 bytes: no TMA
     assert _ln_plans() == 2 * built
 
 

@@ -19,8 +19,8 @@ KERNELS = ("layernorm_linear_rows_kernel", "layernorm_linear_finish_kernel", "la
            "weight_sums_kernel")
 
 # (x shape, N, kernels expected; the gemm's weight_sums kernel runs only on a cache miss, so it is
-# left out; "gemm" is the float32 gemm, or the 16-bit stats + folded gemm, or where K is split the
-# folded gemm + its finish, see _expected). On CPU the
+# left out; "gemm" is the float32 gemm (+ the finish where K is split), or the 16-bit stats + folded
+# gemm, or where K is split the folded gemm + its finish, see _expected). On CPU the
 # interpreter reports 4 SMs, so ~8 programs fill it: that picks the paths below; on a GPU, "rows"
 # adds "finish" wherever the grid is too small for the device's SMs.
 CASES = [
@@ -28,7 +28,8 @@ CASES = [
     ((1, 1), 2, {"rows"}),                       # K = 1: LN(x) = beta exactly
     ((2, 1023), 64, {"rows", "finish"}),         # 2 rows cannot fill the GPU: K split over programs
     ((130, 100), 16, {"rows"}),                  # 16-row blocks: tl.dot tiles
-    ((5, 300), 600, {"rows"}),                   # few rows, wide N: float32 splits columns (16-bit: gemm)
+    ((2, 300), 600, {"rows"}),                   # 1-2 rows, wide N: float32 splits columns (16-bit: gemm)
+    ((5, 300), 600, {"gemm"}),                   # 3+ rows, wide N: the gemm
     ((40, 200), 520, {"gemm"}),                  # gemm, K and N tails
     ((33, 128), 600, {"gemm"}),                  # gemm, K a whole number of steps
     ((0, 16), 8, set()),
@@ -81,12 +82,15 @@ class _KernelLog:
 
 def _expected(kernels, shape, N, dtype):
     """The case's kernel set on this device and dtype."""
-    if N > LN.ROWS_MAX_N and dtype != torch.float32:           # 16-bit, wide N: the gemm at any M
+    M = math.prod(shape[:-1])
+    if N > LN.ROWS_MAX_N and (dtype != torch.float32 or M > LN.ROWS_MAX_M):     # wide N: the gemm
         kernels = {"gemm"}
-    if "gemm" in kernels and dtype != torch.float32:
-        M, K, device = math.prod(shape[:-1]), shape[-1], torch.device(DEVICE)
+    if "gemm" in kernels:
+        K, device = shape[-1], torch.device(DEVICE)
         split = LN.gemm_split(M, N, K, LN.pick_gemm_config(M, dtype, device), device)[0] > 1
-        return kernels - {"gemm"} | ({"folded_gemm", "folded_split_finish"} if split else {"row_stats", "folded_gemm"})
+        if dtype == torch.float32:
+            return {"gemm", "finish"} if split else {"gemm"}
+        return {"folded_gemm", "folded_split_finish"} if split else {"row_stats", "folded_gemm"}
     if ON_GPU and kernels == {"rows"}:
         M, K = math.prod(shape[:-1]), shape[-1]
         cfg = LN.rows_config(M, N, K, LN.sm_count(torch.device(DEVICE)), dtype.itemsize)
@@ -148,12 +152,13 @@ def test_constant_rows(dtype, shape, N):
 SPLIT_TILE = LN.GemmConfig(64, 256, 64, 8, 8, 3)     # 2 column blocks at N = 300: K split on CPU's 4 SMs too
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M, K", [(3, 1000), (40, 200)])
 def test_split_gemm(monkeypatch, dtype, M, K):
-    """The 16-bit gemm with K split over programs (its finish kernel reads the rows' statistics and
-    adds the parts): every element of a poisoned y written, the reference's answer, a constant row
-    (y = W @ beta + bias) and a row with a large mean included."""
+    """The gemm with K split over programs (16-bit: the finish reads the rows' statistics and adds
+    the parts; float32: the slices' row sums go beside their parts): every element of a poisoned y
+    written, the reference's answer, a constant row (y = W @ beta + bias) and a row with a large mean
+    included."""
     x, g, b, w, bias = _inputs((M, K), 300, dtype)
     x[0] = 1234.5
     x[-1] += 100.0
@@ -161,7 +166,8 @@ def test_split_gemm(monkeypatch, dtype, M, K):
     log = _KernelLog(monkeypatch)
     y = torch.full((M, 300), float("nan"), dtype=dtype, device=DEVICE)
     LN._launch_gemm(x, g, b, w, bias, y, 1e-5, SPLIT_TILE)
-    assert log.names - {"weight_sums"} == {"folded_gemm", "folded_split_finish"}
+    split_kernels = {"gemm", "finish"} if dtype == torch.float32 else {"folded_gemm", "folded_split_finish"}
+    assert log.names - {"weight_sums"} == split_kernels
     assert_close(y[0], (w.double() @ b.double() + bias.double()).to(dtype), dtype)
     assert_close(y, _oracle(x, g, b, w, bias), dtype)
 

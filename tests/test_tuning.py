@@ -117,13 +117,16 @@ def test_gemm_fallback_table(M, family):
 
 
 def test_gemm_launch_config_without_json(config_dir):
-    """No JSON: the fallback of this device's family, and float32's one tile whatever M."""
+    """No JSON: the fallback of this device's family, and float32's table by M."""
     _, family = tuning.current_device()
     device = torch.device(DEVICE)
     assert LN.pick_gemm_config(300, torch.bfloat16, device) == LN.fit_shared(
         LN.gemm_fallback("M512", family), LN.max_shared_memory(device))
-    assert LN.pick_gemm_config(300, torch.float32, device) == LN.pick_gemm_config(9000, torch.float32, device) \
-        == LN.GemmConfig(64, 64, 32, 8, 4, 3)
+    for M, tile in ((3, (16, 128, 32, 8, 4, 3)), (32, (16, 128, 32, 8, 4, 3)), (33, (64, 128, 32, 8, 8, 3)),
+                    (64, (64, 128, 32, 8, 8, 3)), (65, (128, 128, 32, 8, 8, 3)), (9000, (128, 128, 32, 8, 8, 3))):
+        assert LN.gemm_fp32_config(M) == LN.GemmConfig(*tile)
+        assert LN.pick_gemm_config(M, torch.float32, device) == LN.fit_shared(
+            LN.GemmConfig(*tile), LN.max_shared_memory(device), 4)
 
 
 # (Nq, Lq, d, dtype, family) -> the old choose_config at Nd = 10000 on 132 SMs:
