@@ -54,7 +54,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
 from .launch_plans import LaunchPlans, current_stream, plans_apply, same_stamp, version_stamp
-from ._runtime import (INTERPRET, TMA_FAMILIES, dot_precision, dot_upcast, max_shared_memory, pow2, rows, skips_dispatcher,
+from ._runtime import (TMA_FAMILIES, dot_precision, dot_upcast, max_shared_memory, pow2, rows, skips_dispatcher,
                        sm_count, tma_ok, use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
@@ -351,11 +351,8 @@ def row_mean_rstd(x_rows, K, eps, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
 
 @triton.jit
 def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr, PDL: tl.constexpr = False):
-    """stats[0] = row mean, stats[1] = rstd (row_mean_rstd) for the folded gemm's epilogue. PDL: let
-    the gemm launch as soon as every program has started (it waits for the stats before its epilogue)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+                     STAGES: tl.constexpr):
+    """stats[0] = row mean, stats[1] = rstd (row_mean_rstd) for the folded gemm's epilogue."""
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mean, rstd = row_mean_rstd(row_starts(x_ptr, row, M, stride_x), K, eps, BLOCK_K, STAGES)
     tl.store(stats_ptr + row, mean, mask=row < M)
@@ -435,7 +432,7 @@ def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr,
                                         k_chunk, stride_x, stride_w, stride_y, TMA: tl.constexpr,
                                         EVEN_K: tl.constexpr, DOT_UPCAST: tl.constexpr, SPLIT: tl.constexpr,
                                         STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
+                                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """16-bit: one [BLOCK_M, BLOCK_N] tile of y = rstd * (x @ W'^T - mean * W' 1) + (W @ beta + bias), a
     plain pipelined GEMM on raw x (both operands straight from memory to the tensor cores), with
     W' = W * gamma (folded by weight_sums_kernel) and the row stats from row_stats_kernel.
@@ -471,8 +468,6 @@ def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr,
     if SPLIT:
         store_tile(part_ptr + tl.program_id(1).to(tl.int64) * M * N, N, row, col, M, N, acc)
     else:
-        if PDL:                                    # launched before the stats pass ended: wait for it here
-            tl.extra.cuda.gdc_wait()
         mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
         rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
         c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
@@ -762,17 +757,8 @@ def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float) -> tuple:
     grid = (triton.cdiv(M, STATS_BLOCK_M),)
     args = (x, stats, M, K, x.stride(0), eps)
     kwargs = dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)), STAGES=STATS_STAGES,
-                  num_warps=STATS_WARPS, PDL=pdl_ok(x.device))
+                  num_warps=STATS_WARPS)
     return row_stats_kernel[grid](*args, **kwargs), grid, args, kwargs
-
-
-def pdl_ok(device: torch.device) -> bool:
-    """Whether the 16-bit gemm launches while the stats pass still runs (programmatic dependent
-    launch: sm_90 and later, not under the interpreter)."""
-    return PDL and device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-PDL = True
 
 
 def gemm_split(M: int, N: int, K: int, cfg: GemmConfig, device: torch.device) -> tuple[int, int]:
@@ -805,9 +791,8 @@ def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig, slices: int =
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), slices)
     args = (x, folded, x_desc, w_desc, stats, sums, y, sums if part is None else part, M, N, K, k_chunk or K,
             x.stride(0), folded.stride(0), y.stride(0))
-    pdl = slices == 1 and pdl_ok(x.device)
     kwargs = dict(TMA=tma, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x), SPLIT=slices > 1,
-                  **gemm_constexprs(cfg), num_warps=cfg.num_warps, PDL=pdl, launch_pdl=pdl)
+                  **gemm_constexprs(cfg), num_warps=cfg.num_warps)
     return layernorm_linear_folded_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs, x_block
 
 
