@@ -360,6 +360,18 @@ def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexp
 
 
 @triton.jit
+def slice_bounds(k_chunk, K, SPLIT: tl.constexpr):
+    """[k_start, k_stop) of a gemm program's K slice (program_id(1)) where SPLIT, else all of K."""
+    if SPLIT:
+        k_start = tl.program_id(1) * k_chunk
+        k_stop = tl.minimum(k_start + k_chunk, K)
+    else:
+        k_start = 0
+        k_stop = K
+    return k_start, k_stop
+
+
+@triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(first row, first column) of this program's output tile in grouped order: GROUP_M row blocks
     sweep the column blocks together, so W tiles stay in L2."""
@@ -389,12 +401,7 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, acc_part_
     x_rows = row_starts(x_ptr, row, M, stride_x)
     w_rows = row_starts(w_ptr, col, N, stride_w)
     pivot = row_pivot(x_rows, K, BLOCK_K)
-    if SPLIT:
-        k_start = tl.program_id(1) * k_chunk
-        k_stop = tl.minimum(k_start + k_chunk, K)
-    else:
-        k_start = 0
-        k_stop = K
+    k_start, k_stop = slice_bounds(k_chunk, K, SPLIT)
     lane = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     s1 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
@@ -446,12 +453,7 @@ def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr,
     x_rows = row_starts(x_ptr, row, M, stride_x)
     w_rows = row_starts(w_ptr, col, N, stride_w)
     lane = tl.arange(0, BLOCK_K)
-    if SPLIT:
-        k_start = tl.program_id(1) * k_chunk
-        k_stop = tl.minimum(k_start + k_chunk, K)
-    else:
-        k_start = 0
-        k_stop = K
+    k_start, k_stop = slice_bounds(k_chunk, K, SPLIT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
         if TMA:
