@@ -652,14 +652,18 @@ def _plan_key(x: torch.Tensor, N: int, params: tuple, eps: float) -> tuple:
             x.data_ptr() % 16, *map(id, params), eps)
 
 
+def split_parts(slices: int, M: int, N: int, device: torch.device) -> tuple:
+    """The per-slice partial sums of a K-split launch, in fp32: acc [S, M, N] and row sums [S, 2, M]."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return torch.empty((slices, M, N), **f32), torch.empty((slices, 2, M), **f32)
+
+
 def _row_parts(slices: int, M: int, N: int, y: torch.Tensor) -> tuple:
-    """The rows kernel's per-slice partial sums (acc, row sums, column sums) where K is split, else
-    y three times (never touched)."""
+    """The rows kernel's per-slice partial sums (split_parts, and column sums [S, 2, N]) where K is
+    split, else y three times (never touched)."""
     if slices == 1:
         return y, y, y
-    f32 = dict(dtype=torch.float32, device=y.device)
-    return (torch.empty((slices, M, N), **f32), torch.empty((slices, 2, M), **f32),
-            torch.empty((slices, 2, N), **f32))
+    return *split_parts(slices, M, N, y.device), torch.empty((slices, 2, N), dtype=torch.float32, device=y.device)
 
 
 def _launch_rows(x, ln_weight, ln_bias, weight, bias, y, eps):
@@ -851,16 +855,10 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
         _SPLIT_FINISH_PLANS.record(key, params, *finish_launch, slots=("x_ptr", "part_ptr", "y_ptr"))
 
 
-def fp32_parts(slices: int, M: int, N: int, device: torch.device) -> tuple:
-    """The float32 gemm's per-slice partial sums (acc [S, M, N], row sums [S, 2, M])."""
-    f32 = dict(dtype=torch.float32, device=device)
-    return torch.empty((slices, M, N), **f32), torch.empty((slices, 2, M), **f32)
-
-
 def launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, slices: int = 1, k_chunk: int = 0,
                      parts: Optional[tuple] = None) -> tuple:
     """y [M, N] <- the float32 gemm on x [M, K] and W [N, K] with the weight's sums (weight_sums);
-    slices > 1: the K slices' partial sums go to parts (fp32_parts) instead, for launch_finish.
+    slices > 1: the K slices' partial sums go to parts (split_parts) instead, for launch_finish.
     Returns the launch as LaunchPlans.record takes it."""
     M, K = x.shape
     N = w.shape[0]
@@ -880,7 +878,7 @@ def _launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, key, params) -> No
     M, K = x.shape
     N = w.shape[0]
     slices, k_chunk = gemm_split(M, N, K, cfg, x.device)
-    parts = fp32_parts(slices, M, N, x.device) if slices > 1 else None
+    parts = split_parts(slices, M, N, x.device) if slices > 1 else None
     gemm_launch = launch_fp32_gemm(x, g, w, sums, y, eps, cfg, slices, k_chunk, parts)
     if key is not None:
         slots = ("x_ptr", "acc_part_ptr", "stat_part_ptr") if parts else ("x_ptr", "y_ptr")
@@ -901,7 +899,7 @@ def _launch_planned_gemm(key, params, x, y) -> bool:
         finish_plan = _FINISH_PLANS.find(key, params)
         if finish_plan is None:
             return False
-        parts = fp32_parts(fp32_plan.extra, *y.shape, x.device)
+        parts = split_parts(fp32_plan.extra, *y.shape, x.device)
         fp32_plan.launch(x, *parts)
         finish_plan.launch(*parts, y)
         return True
