@@ -39,6 +39,12 @@ def row_stats_unpipelined_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M:
     lane = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         s1, s2 = LN.add_shifted_sums(x_rows, k0 + lane, K, pivot, s1, s2)
+    store_stats(stats_ptr, row, M, K, eps, pivot, s1, s2)
+
+
+@triton.jit
+def store_stats(stats_ptr, row, M, K, eps, pivot, s1, s2):
+    """stats [2, M] <- (mean, rstd) of the rows from their per-lane shifted sums (rstd 0 for a constant row)."""
     s2 = tl.sum(s2, axis=1)
     d, rstd = LN.ln_stats(tl.sum(s1, axis=1), s2, K, eps)
     tl.store(stats_ptr + row, pivot + d, mask=row < M)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from perf.harness import print_rounds, rotated_rounds
+from perf.ln_stats_pass import store_stats
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
 
@@ -35,10 +36,7 @@ def stats_first_value_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.
     s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         s1, s2 = LN.add_shifted_sums(x_rows, k0 + lane, K, pivot, s1, s2)
-    s2 = tl.sum(s2, axis=1)
-    d, rstd = LN.ln_stats(tl.sum(s1, axis=1), s2, K, eps)
-    tl.store(stats_ptr + row, pivot + d, mask=row < M)
-    tl.store(stats_ptr + M + row, tl.where(s2 == 0.0, 0.0, rstd), mask=row < M)
+    store_stats(stats_ptr, row, M, K, eps, pivot, s1, s2)
 
 
 def main() -> None:
