@@ -14,10 +14,10 @@ and rounding the dot operand to bf16/tf32 costs bits of the spread, not of the m
 
 Kernels
 - rows: BLOCK_M rows x BLOCK_N columns per program, K streamed once, the sums W @ gamma and
-  W @ beta taken in the same loop (nothing precomputed). For small N (a router) and for 1-2 float32
-  rows (more rows at large N take the gemm: at 1-64 16-bit rows x 8320 x 4096 on the H100 it takes
-  32-33 us where this kernel took 58-365 us, and 158 us at 3-16 float32 rows against 207-369, this
-  kernel's per-step reductions binding it).
+  W @ beta taken in the same loop (nothing precomputed). For small N (a router); wide N takes the
+  kernels below at every M (at 1-64 16-bit rows x 8320 x 4096 on the H100 the gemm takes 32-33 us
+  where this kernel took 58-365 us, and the few-rows kernel 51-79 us at 1-16 float32 rows against
+  91-369, this kernel's per-step reductions binding it).
   When the grid cannot fill the GPU, K is split over programs and a finish kernel adds the parts.
   The router (router.py) builds its logits from the same helpers.
 - gemm (large N and M), W @ gamma and W @ beta + bias from `weight_sums_kernel`, run once per weight
@@ -38,6 +38,8 @@ Kernels
   - float32 (fp32 tolerance): the pivot path; the row statistics come from the x tiles it loads,
     shifted and scaled in registers, for the dot (FMA units: tiles by M, GEMM_FP32). K is split by
     the same rule; each slice's row sums go beside its part, and the rows kernel's finish adds them.
+    Up to 32 rows the few-rows kernel takes its place: the same steps, but the products are kept per
+    lane instead of going through tl.dot's FMA tiles, and K is always split (few_rows_split).
 """
 from __future__ import annotations
 
@@ -58,9 +60,8 @@ from ._runtime import (TMA_FAMILIES, dot_precision, dot_upcast, max_shared_memor
                        sm_count, tma_ok, use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
-ROWS_MAX_M = 2           # float32: up to this many rows, large N also takes the rows kernel (W read once;
-                         # 91 and 130 us at 1 and 2 rows x 8320 x 4096 on the H100, the gemm 158)
-ROWS_WIDE_BLOCK_N = 128  # column block of the rows kernel when N > ROWS_MAX_N
+FEW_ROWS_MAX_M = 32      # float32 at wide N: up to this many rows take the few-rows kernel, more the gemm
+FEW_ROWS_WARPS = 16      # the few-rows kernel's K slices aim at this many warps an SM (perf/ln_fp32_few.py)
 TILE_BUDGET = 8192       # fp32 values in the widest per-step tile of the rows kernel (registers)
 ROWS_STAGE_BYTES = 65536  # shared memory for the rows kernel's pipeline: 3 K steps in flight, else 2
 EPILOGUE_SHARED = 32768  # shared memory a gemm config leaves beside its pipeline (epilogue layout change)
@@ -383,18 +384,45 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def fp32_step(x_rows, w_rows, g_ptr, kk, K, pivot, s1, s2, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """One K step of the float32 kernels at columns kk: (a, w, s1, s2) with a = (x - pivot) * gamma
+    [BM, BK], the weight's [BN, BK] tile, and the rows' shifted sums added per lane (no cross-thread
+    reduction inside the loop: one every step bound the rows kernel at few rows)."""
+    k_ok = kk < K
+    xs = load_k(x_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K) - pivot[:, None]
+    if not EVEN_K:
+        xs = tl.where(k_ok[None, :], xs, 0.0)
+    s1 += xs
+    s2 += xs * xs
+    if HAS_GAMMA:
+        xs *= load_k(g_ptr + kk, k_ok, EVEN_K)[None, :]
+    return xs, load_k(w_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K), s1, s2
+
+
+@triton.jit
+def store_fp32_parts(acc_part_ptr, stat_part_ptr, row, col, first_col, M, N, acc, s1, s2):
+    """K slice program_id(1)'s acc to acc_part [S, M, N] and, from column block 0, its rows' shifted
+    sums (s1, s2) to stat_part [S, 2, M] (the same for every column block), for
+    layernorm_linear_finish_kernel."""
+    split = tl.program_id(1).to(tl.int64)
+    store_tile(acc_part_ptr + split * M * N, N, row, col, M, N, acc)
+    if first_col == 0:
+        stats = stat_part_ptr + split * 2 * M + row
+        tl.store(stats, s1, mask=row < M)
+        tl.store(stats + M, s2, mask=row < M)
+
+
+@triton.jit
 def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, acc_part_ptr, stat_part_ptr, M, N, K, k_chunk,
                                  stride_x, stride_w, stride_y, eps, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr,
                                  PRECISION: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                  GROUP_M: tl.constexpr):
-    """float32: one [BLOCK_M, BLOCK_N] tile of y, a = (x - pivot) * gamma through registers into the dot;
-    sums = (W @ gamma, W @ beta + bias) from weight_sums_kernel. The rows' shifted sums stay per lane
-    until after the loop (a cross-thread reduction every step bound the few-row kernel before).
-    SPLIT: program (t, s) takes K slice s (k_chunk columns) of tile t and writes its acc to
-    acc_part [S, M, N] and, from column block 0, its rows' (s1, s2) to stat_part [S, 2, M], for
-    layernorm_linear_finish_kernel (sums_ptr, y_ptr unused). Every slice shifts by the same pivot
-    (the mean of the row's first BLOCK_K values), so the parts add up."""
+    """float32 (33+ rows): one [BLOCK_M, BLOCK_N] tile of y, a = (x - pivot) * gamma through registers
+    into the dot; sums = (W @ gamma, W @ beta + bias) from weight_sums_kernel.
+    SPLIT: program (t, s) takes K slice s (k_chunk columns) of tile t and writes its parts
+    (store_fp32_parts; sums_ptr, y_ptr unused). Every slice shifts by the same pivot (the mean of the
+    row's first BLOCK_K values), so the parts add up."""
     first_row, first_col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row = first_row + tl.arange(0, BLOCK_M)
     col = first_col + tl.arange(0, BLOCK_N)
@@ -407,31 +435,44 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, acc_part_
     s1 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
-        kk = k0 + lane
-        k_ok = kk < K
-        xs = load_k(x_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K) - pivot[:, None]
-        if not EVEN_K:
-            xs = tl.where(k_ok[None, :], xs, 0.0)
-        s1 += xs
-        s2 += xs * xs
-        if HAS_GAMMA:
-            xs *= load_k(g_ptr + kk, k_ok, EVEN_K)[None, :]
-        w = load_k(w_rows[:, None] + kk[None, :], k_ok[None, :], EVEN_K)
-        acc = tl.dot(xs, tl.trans(w), acc, input_precision=PRECISION)
+        a, w, s1, s2 = fp32_step(x_rows, w_rows, g_ptr, k0 + lane, K, pivot, s1, s2, HAS_GAMMA, EVEN_K)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
     s1 = tl.sum(s1, axis=1)
     s2 = tl.sum(s2, axis=1)
     if SPLIT:
-        split = tl.program_id(1).to(tl.int64)
-        store_tile(acc_part_ptr + split * M * N, N, row, col, M, N, acc)
-        if first_col == 0:                         # the row sums are the same for every column block
-            stats = stat_part_ptr + split * 2 * M + row
-            tl.store(stats, s1, mask=row < M)
-            tl.store(stats + M, s2, mask=row < M)
+        store_fp32_parts(acc_part_ptr, stat_part_ptr, row, col, first_col, M, N, acc, s1, s2)
     else:
         d, rstd = ln_stats(s1, s2, K, eps)
         c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
         c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
         store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
+
+
+@triton.jit
+def layernorm_linear_few_rows_kernel(x_ptr, g_ptr, w_ptr, acc_part_ptr, stat_part_ptr, M, N, K, k_chunk, stride_x,
+                                     stride_w, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32, 1-32 rows (all in one program, BLOCK_M >= M): program (column block j, K slice s) takes
+    BLOCK_N columns over k_chunk of K. The products stay per lane, [BLOCK_M, BLOCK_N, BLOCK_K] in
+    registers, summed over K once after the loop; tl.dot's FMA tiles (the gemm kernel) read both
+    operands from shared memory every step and took 2-3x longer here (perf/ln_fp32_few.py). Always
+    writes its parts (store_fp32_parts) for layernorm_linear_finish_kernel."""
+    row = tl.arange(0, BLOCK_M)
+    first_col = tl.program_id(0) * BLOCK_N
+    col = first_col + tl.arange(0, BLOCK_N)
+    x_rows = row_starts(x_ptr, row, M, stride_x)
+    w_rows = row_starts(w_ptr, col, N, stride_w)
+    pivot = row_pivot(x_rows, K, BLOCK_K)
+    k_start, k_stop = slice_bounds(k_chunk, K, True)
+    lane = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    s1 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
+        a, w, s1, s2 = fp32_step(x_rows, w_rows, g_ptr, k0 + lane, K, pivot, s1, s2, HAS_GAMMA, EVEN_K)
+        acc += a[:, None, :] * w[None, :, :]
+    store_fp32_parts(acc_part_ptr, stat_part_ptr, row, col, first_col, M, N, tl.sum(acc, axis=2),
+                     tl.sum(s1, axis=1), tl.sum(s2, axis=1))
 
 
 @triton.jit
@@ -516,17 +557,11 @@ def rows_config(M: int, N: int, K: int, n_sm: int, itemsize: int) -> dict:
     launch path is latency at small M): callers must not modify the dict.
 
     N <= ROWS_MAX_N: one column block, so x is read once; rows per program grow with M (the
-    weight tile is re-read from L2 once per row block). Wider N (float32 rows up to ROWS_MAX_M):
-    all rows in one block, so W is read once, and the columns split over programs. Blocks of 16+ rows use tl.dot, fewer
-    rows a broadcast product in fp32 registers (no operand rounding).
+    weight tile is re-read from L2 once per row block). Blocks of 16+ rows use tl.dot, fewer rows
+    a broadcast product in fp32 registers (no operand rounding).
     """
-    programs = 2 * n_sm
-    if N <= ROWS_MAX_N:
-        block_n = pow2(N)
-        block_m = min(32, pow2(M), prev_pow2(M // programs))
-    else:
-        block_m = min(ROWS_MAX_M, pow2(M))
-        block_n = max(16, min(ROWS_WIDE_BLOCK_N, prev_pow2(N * triton.cdiv(M, block_m) // programs)))
+    block_n = pow2(N)
+    block_m = min(32, pow2(M), prev_pow2(M // (2 * n_sm)))
     # the broadcast product [BM, BN, BK] must leave K steps of 64+ values (128-byte rows); wide
     # tiles take tl.dot instead where there are 16 rows to fill one, else fewer rows per program
     use_dot = block_m >= 16 or (M >= 16 and TILE_BUDGET // (block_m * block_n) < 64)
@@ -557,17 +592,31 @@ class GemmConfig:
     num_stages: int
 
 
-# float32 (the pivot path, FMA units unless tf32 is allowed): tiles by M, not tuned. Of 13 tiles at
-# 8320 x 4096 on the H100 (perf/ln_fp32_tiles.py, ln_fp32_tiles.txt; K split by gemm_split), the fastest
-# that spill nothing: 158 us at 3-16 rows, 311 at 32, 348 at 64, 410 at 128, 812 at 256, 3248 at 1024
-# (128 x 256 x 16 took 775 at 256 and 2442 at 1024, but spills in its loop)
-GEMM_FP32 = ((32, GemmConfig(16, 128, 32, 8, 4, 3)), (64, GemmConfig(64, 128, 32, 8, 8, 3)),
-             (None, GemmConfig(128, 128, 32, 8, 8, 3)))
+# float32 from 33 rows (the pivot path, FMA units unless tf32 is allowed): tiles by M, not tuned. Of 13
+# tiles at 8320 x 4096 on the H100 (perf/ln_fp32_tiles.py, ln_fp32_tiles.txt; K split by gemm_split), the
+# fastest that spill nothing: 348 us at 64 rows, 410 at 128, 812 at 256, 3248 at 1024 (128 x 256 x 16 took
+# 775 at 256 and 2442 at 1024, but spills in its loop)
+GEMM_FP32 = ((64, GemmConfig(64, 128, 32, 8, 8, 3)), (None, GemmConfig(128, 128, 32, 8, 8, 3)))
 
 
 def gemm_fp32_config(M: int) -> GemmConfig:
     """The float32 gemm's tile for M rows (GEMM_FP32)."""
     return next(cfg for most, cfg in GEMM_FP32 if most is None or M <= most)
+
+
+# the few-rows kernel's (BLOCK_N, BLOCK_K, warps) by rows (a power of two): the fastest of 2-3 tilings at
+# each on the H100 (ln_fp32_few.txt), except at 16 rows, where 16 x 64 (74-78 against 79-82 us) spills on
+# sm_120 under triton 3.6, and at 32, where 16 x 16 at 4 warps swung from 177 to 231 us with the split
+# (16 x 32 at 8 warps: 212-225); 32-64 registers of products a thread. At 64 rows the gemm is faster.
+FEW_ROWS_TILES = {1: (16, 256, 4), 2: (16, 128, 4), 4: (16, 64, 4), 8: (16, 64, 4), 16: (32, 32, 8),
+                  32: (16, 32, 8)}
+
+
+def few_rows_config(M: int) -> dict:
+    """The few-rows kernel's blocks for M <= FEW_ROWS_MAX_M rows (all of them in one block)."""
+    block_m = pow2(M)
+    block_n, block_k, warps = FEW_ROWS_TILES[block_m]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
 
 
 def gemm_bucket(M: int) -> str:
@@ -832,10 +881,10 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
             return
     sums, folded = weight_sums(weight, ln_weight, ln_bias, bias)
     w = folded if folded is not None else rows(weight)
-    cfg = config or pick_gemm_config(M, x.dtype, x.device)
     if not folds_weight(w):
-        _launch_fp32_gemm(x, contiguous_vector(ln_weight), w, sums, y, eps, cfg, key if planned else None, params)
+        _launch_fp32(x, contiguous_vector(ln_weight), w, sums, y, eps, config, key if planned else None, params)
         return
+    cfg = config or pick_gemm_config(M, x.dtype, x.device)
     slices, k_chunk = gemm_split(M, N, K, cfg, x.device)
     if slices == 1:
         stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
@@ -872,17 +921,44 @@ def launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, slices: int = 1, k_
     return layernorm_linear_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs
 
 
-def _launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, key, params) -> None:
-    """The float32 gemm, whole or K-split (gemm_split) with its finish; plans kept under `key` (None:
-    none)."""
+def launch_few_rows(x, g, w, parts: tuple, k_chunk: int) -> tuple:
+    """parts (split_parts) <- the few-rows kernel's K slices (k_chunk columns each) for x [M <=
+    FEW_ROWS_MAX_M, K] and W [N, K]; returns the launch as LaunchPlans.record takes it."""
     M, K = x.shape
     N = w.shape[0]
-    slices, k_chunk = gemm_split(M, N, K, cfg, x.device)
-    parts = split_parts(slices, M, N, x.device) if slices > 1 else None
-    gemm_launch = launch_fp32_gemm(x, g, w, sums, y, eps, cfg, slices, k_chunk, parts)
+    cfg = few_rows_config(M)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), parts[0].shape[0])
+    args = (x, g if g is not None else w, w, *parts, M, N, K, k_chunk, x.stride(0), w.stride(0))
+    kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, STAGES=3, **cfg)
+    return layernorm_linear_few_rows_kernel[grid](*args, **kwargs), grid, args, kwargs
+
+
+def few_rows_split(M: int, N: int, K: int, device_sms: int) -> tuple[int, int]:
+    """(slices, k_chunk) of the few-rows kernel: K cut until about FEW_ROWS_WARPS warps an SM (at 8320 x
+    4096 on 132 SMs: 2 slices up to 16 rows, 1 at 17-32; ln_fp32_few.txt)."""
+    cfg = few_rows_config(M)
+    programs = triton.cdiv(N, cfg["BLOCK_N"]) * cfg["num_warps"]
+    return _k_slices(max(1, FEW_ROWS_WARPS * device_sms // programs), K, cfg["BLOCK_K"])
+
+
+def _launch_fp32(x, g, w, sums, y, eps, config: Optional[GemmConfig], key, params) -> None:
+    """float32 through the few-rows kernel (up to FEW_ROWS_MAX_M rows, unless `config` forces a gemm
+    tile) or the gemm, whole or K-split (gemm_split), with the finish where there are parts; plans
+    kept under `key` (None: none). A plan's extra is its parts' slice count, 0 where it writes y."""
+    M, K = x.shape
+    N = w.shape[0]
+    if config is None and M <= FEW_ROWS_MAX_M:
+        slices, k_chunk = few_rows_split(M, N, K, sm_count(x.device))
+        parts = split_parts(slices, M, N, x.device)
+        table, launch = _FEW_ROWS_PLANS, launch_few_rows(x, g, w, parts, k_chunk)
+    else:
+        cfg = config or pick_gemm_config(M, x.dtype, x.device)
+        slices, k_chunk = gemm_split(M, N, K, cfg, x.device)
+        parts = split_parts(slices, M, N, x.device) if slices > 1 else None
+        table, launch = _FP32_GEMM_PLANS, launch_fp32_gemm(x, g, w, sums, y, eps, cfg, slices, k_chunk, parts)
     if key is not None:
         slots = ("x_ptr", "acc_part_ptr", "stat_part_ptr") if parts else ("x_ptr", "y_ptr")
-        _FP32_GEMM_PLANS.record(key, params, *gemm_launch, slots=slots, extra=slices)
+        table.record(key, params, *launch, slots=slots, extra=slices if parts else 0)
     if parts:
         finish_launch = launch_finish(*parts, sums, w, y, K, eps)
         if key is not None:
@@ -891,9 +967,9 @@ def _launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, key, params) -> No
 
 def _launch_planned_gemm(key, params, x, y) -> bool:
     """Launches the gemm path's plans for `key` if all are kept; False if not."""
-    fp32_plan = _FP32_GEMM_PLANS.find(key, params)
+    fp32_plan = _FEW_ROWS_PLANS.find(key, params) or _FP32_GEMM_PLANS.find(key, params)
     if fp32_plan is not None:
-        if fp32_plan.extra == 1:
+        if fp32_plan.extra == 0:
             fp32_plan.launch(x, y)
             return True
         finish_plan = _FINISH_PLANS.find(key, params)
@@ -928,10 +1004,12 @@ def _launch_planned_gemm(key, params, x, y) -> bool:
 _ROWS_PLANS = LaunchPlans(layernorm_linear_rows_kernel)
 _FINISH_PLANS = LaunchPlans(layernorm_linear_finish_kernel)
 _FP32_GEMM_PLANS = LaunchPlans(layernorm_linear_gemm_kernel)
+_FEW_ROWS_PLANS = LaunchPlans(layernorm_linear_few_rows_kernel)
 _STATS_PLANS = LaunchPlans(row_stats_kernel)
 _GEMM_PLANS = LaunchPlans(layernorm_linear_folded_gemm_kernel)
 _SPLIT_FINISH_PLANS = LaunchPlans(folded_split_finish_kernel)
-PLAN_TABLES = (_ROWS_PLANS, _FINISH_PLANS, _FP32_GEMM_PLANS, _STATS_PLANS, _GEMM_PLANS, _SPLIT_FINISH_PLANS)
+PLAN_TABLES = (_ROWS_PLANS, _FINISH_PLANS, _FP32_GEMM_PLANS, _FEW_ROWS_PLANS, _STATS_PLANS, _GEMM_PLANS,
+               _SPLIT_FINISH_PLANS)
 
 
 def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
@@ -940,7 +1018,7 @@ def launch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         pass
-    elif N <= ROWS_MAX_N or (M <= ROWS_MAX_M and not folds_weight(weight)):
+    elif N <= ROWS_MAX_N:
         _launch_rows(x2, ln_weight, ln_bias, weight, bias, y, eps)
     else:
         _launch_gemm(x2, ln_weight, ln_bias, weight, bias, y, eps)
@@ -1003,7 +1081,7 @@ def offline_builds():
                  **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr", "stats_ptr",
                                          "part_ptr")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
-        for M, N in ((32, 8), (8192, 8), (8192, 512)) + (((ROWS_MAX_M, 4096),) if dt == "fp32" else ()):
+        for M, N in ((32, 8), (8192, 8), (8192, 512)):
             cfg = dict(rows_config(M, N, K, n_sm=132, itemsize=dtype.itemsize))
             warps = cfg.pop("num_warps")
             divisible = divisible_args(M=M, N=N, K=K, k_chunk=cfg["BLOCK_K"], stride_x=K, stride_w=K, stride_y=N)
@@ -1019,7 +1097,15 @@ def offline_builds():
                                   dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, FOLD=dt != "fp32",
                                        BLOCK_N=16, BLOCK_K=512),
                                   divisible=divisible_args(N=4096, K=K, stride_w=K)))
-        if dt != "fp32":
+        if dt == "fp32":
+            for M in FEW_ROWS_TILES:
+                cfg = dict(few_rows_config(M))
+                warps = cfg.pop("num_warps")
+                builds.append(KernelBuild(f"ln_linear_few_rows_M{M}", layernorm_linear_few_rows_kernel, types,
+                                          dict(HAS_GAMMA=True, EVEN_K=K % cfg["BLOCK_K"] == 0, STAGES=3, **cfg),
+                                          num_warps=warps, divisible=divisible_args(N=4096, K=K, k_chunk=4160,
+                                                                                    stride_x=K, stride_w=K)))
+        else:
             builds.append(KernelBuild(f"ln_linear_split_finish_{dt}", folded_split_finish_kernel, types,
                                       dict(BLOCK_M=STATS_BLOCK_M, BLOCK_N=FINISH_BLOCK_N, BLOCK_K=STATS_BLOCK_K,
                                            STAGES=STATS_STAGES), num_warps=FINISH_WARPS,

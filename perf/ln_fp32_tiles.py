@@ -1,8 +1,8 @@
 """layernorm_linear in float32 at wide N (x [M, 8320], N = 4096): the float32 gemm at several tiles,
 each with K whole, cut into SMs // tiles slices where the tiles leave half the SMs or more idle (the
-op's rule, gemm_split), or into 2 SMs / tiles rounded up; the rows kernel (the op's path up to 16
-rows before), cuBLAS F.linear alone and torch beside them. CUDA-graph microseconds per call, each
-path's error against a float64 reference. With "op" first, the public op, cuBLAS and torch only.
+op's rule, gemm_split), or into 2 SMs / tiles rounded up; the op (the few-rows kernel up to 16 rows,
+perf/ln_fp32_few.py), cuBLAS F.linear alone and torch beside them. CUDA-graph microseconds per call,
+each path's error against a float64 reference. With "op" first, the op, cuBLAS and torch only.
 
     python -m perf.ln_fp32_tiles [op] [M ...]        (CUDA machine)
 """
@@ -35,9 +35,6 @@ def main(rows, op_only: bool) -> None:
         want = F.linear(F.layer_norm(x.double(), (K,), g.double(), b.double()), w.double(), bias.double())
         out = [f"public op {timed(lambda: fused_ops.layernorm_linear(x, g, b, w, bias)):.1f}"]
         out[0] += f" (err {error(fused_ops.layernorm_linear(x, g, b, w, bias), want):.1e})"
-        if M <= 16 and not op_only:
-            t = timed(lambda: LN._launch_rows(x, g, b, w, bias, y, 1e-5))
-            out.append(f"rows {t:.1f} (err {error(y, want):.1e})")
         for cfg in [] if op_only else (FEW if M <= 64 else []) + (MANY if M >= 32 else []):
             tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}/w{cfg.num_warps}s{cfg.num_stages}"
             seen = set()

@@ -128,8 +128,8 @@ BF16, FP32 = torch.bfloat16, torch.float32
     (8, 8320, 4096, "gamma, beta, bias", FP32), (1024, 200, 4096, "gamma, bias", FP32)])
 def test_layernorm_linear_plans(plan_launches, M, K, N, affine, dtype):
     """The rows kernel (and its finish where K is split), the 16-bit gemm path's statistics pass and
-    gemm (256 x 4096) or its gemm split over K and finish (300 and 8 rows), and the float32 gemm, split
-    with its finish (8 rows) or whole (1024), keep plans: repeats launch them (same bits), and the
+    gemm (256 x 4096) or its gemm split over K and finish (300 and 8 rows), float32's few-rows kernel
+    and finish (8 rows) and its gemm whole (1024), keep plans: repeats launch them (same bits), and the
     reference's answer for fresh x, parameters changed in place or given new storage, and misaligned
     x (a plan of its own)."""
     x, g, b, w, bias = ln_tests._inputs((M, K), N, dtype, affine)

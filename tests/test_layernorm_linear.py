@@ -1,7 +1,8 @@
 """layernorm_linear against the float64 reference, on every kernel path: the rows kernel (broadcast
-and tl.dot tiles, split-K with its finish kernel, wide N) and the gemm kernels with their cached
-column sums (16-bit: whole K after a statistics pass, or split over K with its own finish). Which
-kernels ran is recorded, so the case list provably covers each path."""
+and tl.dot tiles, split-K with its finish kernel) and the wide-N kernels with their cached column
+sums (float32: the few-rows kernel, or the gemm whole or split, with the rows kernel's finish;
+16-bit: the gemm whole after a statistics pass, or split over K with its own finish). Which kernels
+ran is recorded, so the case list provably covers each path."""
 import importlib
 import math
 
@@ -15,12 +16,13 @@ from conftest import DEVICE, DTYPES, ON_GPU, assert_close, pick, rand
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
 KERNELS = ("layernorm_linear_rows_kernel", "layernorm_linear_finish_kernel", "layernorm_linear_gemm_kernel",
-           "layernorm_linear_folded_gemm_kernel", "folded_split_finish_kernel", "row_stats_kernel",
-           "weight_sums_kernel")
+           "layernorm_linear_few_rows_kernel", "layernorm_linear_folded_gemm_kernel", "folded_split_finish_kernel",
+           "row_stats_kernel", "weight_sums_kernel")
 
 # (x shape, N, kernels expected; the gemm's weight_sums kernel runs only on a cache miss, so it is
-# left out; "gemm" is the float32 gemm (+ the finish where K is split), or the 16-bit stats + folded
-# gemm, or where K is split the folded gemm + its finish, see _expected). On CPU the
+# left out; "gemm" is the float32 few-rows kernel + the finish (up to 32 rows), or the float32 gemm
+# (+ the finish where K is split), or the 16-bit stats + folded gemm, or where K is split the folded
+# gemm + its finish, see _expected). On CPU the
 # interpreter reports 4 SMs, so ~8 programs fill it: that picks the paths below; on a GPU, "rows"
 # adds "finish" wherever the grid is too small for the device's SMs.
 CASES = [
@@ -28,8 +30,9 @@ CASES = [
     ((1, 1), 2, {"rows"}),                       # K = 1: LN(x) = beta exactly
     ((2, 1023), 64, {"rows", "finish"}),         # 2 rows cannot fill the GPU: K split over programs
     ((130, 100), 16, {"rows"}),                  # 16-row blocks: tl.dot tiles
-    ((2, 300), 600, {"rows"}),                   # 1-2 rows, wide N: float32 splits columns (16-bit: gemm)
-    ((5, 300), 600, {"gemm"}),                   # 3+ rows, wide N: the gemm
+    ((5, 300), 600, {"gemm"}),                   # few rows, wide N: float32's few-rows kernel
+    ((2, 512), 600, {"gemm"}),                   # the same, K a whole number of its steps
+    ((20, 300), 600, {"gemm"}),                  # the same at 32-row blocks (float32: the gemm from 33)
     ((40, 200), 520, {"gemm"}),                  # gemm, K and N tails
     ((33, 128), 600, {"gemm"}),                  # gemm, K a whole number of steps
     ((0, 16), 8, set()),
@@ -83,10 +86,12 @@ class _KernelLog:
 def _expected(kernels, shape, N, dtype):
     """The case's kernel set on this device and dtype."""
     M = math.prod(shape[:-1])
-    if N > LN.ROWS_MAX_N and (dtype != torch.float32 or M > LN.ROWS_MAX_M):     # wide N: the gemm
+    if N > LN.ROWS_MAX_N:                                        # wide N: the gemm path at any M
         kernels = {"gemm"}
     if "gemm" in kernels:
         K, device = shape[-1], torch.device(DEVICE)
+        if dtype == torch.float32 and M <= LN.FEW_ROWS_MAX_M:
+            return {"few_rows", "finish"}
         split = LN.gemm_split(M, N, K, LN.pick_gemm_config(M, dtype, device), device)[0] > 1
         if dtype == torch.float32:
             return {"gemm", "finish"} if split else {"gemm"}
@@ -113,7 +118,8 @@ def test_matches_reference(monkeypatch, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, N", [((3, 1023), 8), ((2, 1023), 64), ((130, 100), 16), ((40, 200), 520)]
+@pytest.mark.parametrize("shape, N", [((3, 1023), 8), ((2, 1023), 64), ((130, 100), 16), ((40, 200), 520),
+                                      ((5, 1000), 600)]
                          + pick([], [((64, 8320), 4096), ((4097, 8320), 8)]))
 def test_large_mean_tiny_spread(dtype, shape, N):
     """x = 1000 + small noise: E[x^2] - E[x]^2 and x @ W^T lose every digit in fp32 here; the pivot
@@ -126,7 +132,8 @@ def test_large_mean_tiny_spread(dtype, shape, N):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, N", [((3, 3000), 8), ((2, 1023), 64), ((130, 600), 16), ((40, 1000), 520)])
+@pytest.mark.parametrize("shape, N", [((3, 3000), 8), ((2, 1023), 64), ((130, 600), 16), ((40, 1000), 520),
+                                      ((5, 1000), 600)])
 def test_pivot_far_from_the_mean(dtype, shape, N):
     """The pivot is the mean of a row's first K step; shifting the first quarter of each row puts it
     far from the row mean, so every term in d = mean - pivot must be right."""
@@ -136,7 +143,7 @@ def test_pivot_far_from_the_mean(dtype, shape, N):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, N", [((3, 300), 8), ((40, 200), 520)])
+@pytest.mark.parametrize("shape, N", [((3, 300), 8), ((40, 200), 520), ((5, 300), 600)])
 def test_constant_rows(dtype, shape, N):
     """var = 0: rstd = 1/sqrt(eps) amplifies any rounding of x - mean; the output must be W @ beta + b."""
     x, g, b, w, bias = _inputs(shape, N, dtype)

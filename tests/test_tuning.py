@@ -122,8 +122,8 @@ def test_gemm_launch_config_without_json(config_dir):
     device = torch.device(DEVICE)
     assert LN.pick_gemm_config(300, torch.bfloat16, device) == LN.fit_shared(
         LN.gemm_fallback("M512", family), LN.max_shared_memory(device))
-    for M, tile in ((3, (16, 128, 32, 8, 4, 3)), (32, (16, 128, 32, 8, 4, 3)), (33, (64, 128, 32, 8, 8, 3)),
-                    (64, (64, 128, 32, 8, 8, 3)), (65, (128, 128, 32, 8, 8, 3)), (9000, (128, 128, 32, 8, 8, 3))):
+    for M, tile in ((33, (64, 128, 32, 8, 8, 3)), (64, (64, 128, 32, 8, 8, 3)), (65, (128, 128, 32, 8, 8, 3)),
+                    (9000, (128, 128, 32, 8, 8, 3))):
         assert LN.gemm_fp32_config(M) == LN.GemmConfig(*tile)
         assert LN.pick_gemm_config(M, torch.float32, device) == LN.fit_shared(
             LN.GemmConfig(*tile), LN.max_shared_memory(device), 4)
