@@ -384,6 +384,19 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def fp32_start(x_ptr, w_ptr, row, col, M, N, K, k_chunk, stride_x, stride_w, SPLIT: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """What the float32 kernels hold before their K loop: the x and W row pointers, the rows' pivot
+    (the mean of their first BLOCK_K values, the same in every K slice, so the slices' parts add up),
+    the slice's bounds (slice_bounds) and the rows' per-lane shifted sums, zero."""
+    x_rows = row_starts(x_ptr, row, M, stride_x)
+    s1 = tl.zeros([row.shape[0], BLOCK_K], tl.float32)
+    k_start, k_stop = slice_bounds(k_chunk, K, SPLIT)
+    return (x_rows, row_starts(w_ptr, col, N, stride_w), row_pivot(x_rows, K, BLOCK_K), k_start, k_stop, s1,
+            tl.zeros([row.shape[0], BLOCK_K], tl.float32))
+
+
+@triton.jit
 def fp32_step(x_rows, w_rows, g_ptr, kk, K, pivot, s1, s2, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr):
     """One K step of the float32 kernels at columns kk: (a, w, s1, s2) with a = (x - pivot) * gamma
     [BM, BK], the weight's [BN, BK] tile, and the rows' shifted sums added per lane (no cross-thread
@@ -421,19 +434,14 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, acc_part_
     """float32 (33+ rows): one [BLOCK_M, BLOCK_N] tile of y, a = (x - pivot) * gamma through registers
     into the dot; sums = (W @ gamma, W @ beta + bias) from weight_sums_kernel.
     SPLIT: program (t, s) takes K slice s (k_chunk columns) of tile t and writes its parts
-    (store_fp32_parts; sums_ptr, y_ptr unused). Every slice shifts by the same pivot (the mean of the
-    row's first BLOCK_K values), so the parts add up."""
+    (store_fp32_parts; sums_ptr, y_ptr unused)."""
     first_row, first_col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row = first_row + tl.arange(0, BLOCK_M)
     col = first_col + tl.arange(0, BLOCK_N)
-    x_rows = row_starts(x_ptr, row, M, stride_x)
-    w_rows = row_starts(w_ptr, col, N, stride_w)
-    pivot = row_pivot(x_rows, K, BLOCK_K)
-    k_start, k_stop = slice_bounds(k_chunk, K, SPLIT)
+    x_rows, w_rows, pivot, k_start, k_stop, s1, s2 = fp32_start(x_ptr, w_ptr, row, col, M, N, K, k_chunk, stride_x,
+                                                                 stride_w, SPLIT, BLOCK_K)
     lane = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    s1 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
         a, w, s1, s2 = fp32_step(x_rows, w_rows, g_ptr, k0 + lane, K, pivot, s1, s2, HAS_GAMMA, EVEN_K)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
@@ -460,14 +468,10 @@ def layernorm_linear_few_rows_kernel(x_ptr, g_ptr, w_ptr, acc_part_ptr, stat_par
     row = tl.arange(0, BLOCK_M)
     first_col = tl.program_id(0) * BLOCK_N
     col = first_col + tl.arange(0, BLOCK_N)
-    x_rows = row_starts(x_ptr, row, M, stride_x)
-    w_rows = row_starts(w_ptr, col, N, stride_w)
-    pivot = row_pivot(x_rows, K, BLOCK_K)
-    k_start, k_stop = slice_bounds(k_chunk, K, True)
+    x_rows, w_rows, pivot, k_start, k_stop, s1, s2 = fp32_start(x_ptr, w_ptr, row, col, M, N, K, k_chunk, stride_x,
+                                                                 stride_w, True, BLOCK_K)
     lane = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
-    s1 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
         a, w, s1, s2 = fp32_step(x_rows, w_rows, g_ptr, k0 + lane, K, pivot, s1, s2, HAS_GAMMA, EVEN_K)
         acc += a[:, None, :] * w[None, :, :]
