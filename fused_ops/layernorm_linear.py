@@ -873,8 +873,9 @@ def launch_split_finish(x, part, sums, y, eps) -> tuple:
 
 
 def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
-    """y = layernorm_linear(x) for 2-D x through the gemm kernels; `config` None uses pick_gemm_config.
-    16-bit: the stats pass and the gemm, or where K is split (gemm_split) the gemm and the finish."""
+    """y = layernorm_linear(x) for 2-D x at wide N; `config` None uses pick_gemm_config. 16-bit: the
+    stats pass and the gemm, or where K is split (gemm_split) the gemm and the finish; float32:
+    _launch_fp32."""
     M, K = x.shape
     N = weight.shape[0]
     params = (ln_weight, ln_bias, weight, bias)
@@ -963,7 +964,7 @@ def _launch_fp32(x, g, w, sums, y, eps, config: Optional[GemmConfig], key, param
     if key is not None:
         slots = ("x_ptr", "acc_part_ptr", "stat_part_ptr") if parts else ("x_ptr", "y_ptr")
         table.record(key, params, *launch, slots=slots, extra=slices if parts else 0)
-    if parts:
+    if parts:                          # the bias is in the sums: the weight stands in for its pointer
         finish_launch = launch_finish(*parts, sums, w, y, K, eps)
         if key is not None:
             _FINISH_PLANS.record(key, params, *finish_launch, slots=("acc_part_ptr", "stat_part_ptr", "y_ptr"))
@@ -1003,8 +1004,9 @@ def _launch_planned_gemm(key, params, x, y) -> bool:
     return True
 
 
-# eager launches at a repeated call (launch_plans.py): the rows kernel and its finish, the 16-bit gemm
-# path's statistics pass and gemm, or its split gemm and finish
+# eager launches at a repeated call (launch_plans.py): the rows kernel and its finish, float32's
+# few-rows kernel or gemm (and the same finish where there are parts), the 16-bit gemm path's
+# statistics pass and gemm, or its split gemm and finish
 _ROWS_PLANS = LaunchPlans(layernorm_linear_rows_kernel)
 _FINISH_PLANS = LaunchPlans(layernorm_linear_finish_kernel)
 _FP32_GEMM_PLANS = LaunchPlans(layernorm_linear_gemm_kernel)
