@@ -214,6 +214,14 @@ def store_tile(ptr, stride, row, col, M, N, tile):
              mask=(row < M)[:, None] & (col < N)[None, :])
 
 
+@triton.jit
+def store_projected(y_ptr, stride_y, row, col, M, N, acc, d, rstd, sums_ptr):
+    """y[row, col] <- ln_project of acc with the rows' stats and the weight's sums [2, N] at sums_ptr."""
+    c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
+    c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
+    store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
+
+
 # ---------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------
@@ -451,9 +459,7 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, acc_part_
         store_fp32_parts(acc_part_ptr, stat_part_ptr, row, col, first_col, M, N, acc, s1, s2)
     else:
         d, rstd = ln_stats(s1, s2, K, eps)
-        c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
-        c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
-        store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, d, rstd, c1, c2))
+        store_projected(y_ptr, stride_y, row, col, M, N, acc, d, rstd, sums_ptr)
 
 
 @triton.jit
@@ -517,9 +523,7 @@ def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr,
     else:
         mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
         rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
-        c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
-        c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
-        store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, mean, rstd, c1, c2))
+        store_projected(y_ptr, stride_y, row, col, M, N, acc, mean, rstd, sums_ptr)
 
 
 @triton.jit
@@ -537,9 +541,7 @@ def folded_split_finish_kernel(x_ptr, part_ptr, sums_ptr, y_ptr, M, N, K, n_spli
     for _ in range(n_split):                       # few rows: M * N stays in int32
         acc += tl.load(parts, mask=ok, other=0.0)
         parts += M * N
-    c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
-    c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
-    store_tile(y_ptr, stride_y, row, col, M, N, ln_project(acc, mean, rstd, c1, c2))
+    store_projected(y_ptr, stride_y, row, col, M, N, acc, mean, rstd, sums_ptr)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,11 +64,9 @@ def gemm_waiting_kernel(x_desc, w_desc, stats_ptr, sums_ptr, y_ptr, count_ptr, e
     tl.debug_barrier()
     row = first_row + tl.arange(0, BLOCK_M)
     col = first_col + tl.arange(0, BLOCK_N)
-    mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
-    rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
-    c1 = tl.load(sums_ptr + col, mask=col < N, other=0.0)
-    c2 = tl.load(sums_ptr + N + col, mask=col < N, other=0.0)
-    LN.store_tile(y_ptr, stride_y, row, col, M, N, LN.ln_project(acc, mean, rstd, c1, c2))
+    mean = tl.load(stats_ptr + row, mask=row < M, other=0.0, cache_modifier=".cg")     # past L1: written
+    rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0, cache_modifier=".cg")  # by another kernel
+    LN.store_projected(y_ptr, stride_y, row, col, M, N, acc, mean, rstd, sums_ptr)
 
 
 class StatsBeside:
