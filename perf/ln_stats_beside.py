@@ -8,7 +8,8 @@ counts each finished block of rows in; the gemm is launched behind it with progr
 launch (as soon as every statistics program runs), its tiles (192 KB of shared memory, 172
 registers a thread under triton 3.6) fit beside them, and each tile waits for its row block's count
 before its epilogue. The statistics kernel may ask for the largest shared-memory carveout
-(cuFuncSetAttribute), so that an SM holding one can still take a gemm tile; it made no difference.
+(cuFuncSetAttribute), so that an SM holding one can still take a gemm tile; it made no consistent
+difference.
 The counts only grow (a call adds one per step), so nothing is reset between calls; an epoch in the
 arguments says what to wait for, which a replayed CUDA graph would not update (probe only).
 
