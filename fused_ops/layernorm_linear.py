@@ -619,10 +619,10 @@ FEW_ROWS_TILES = {1: (16, 256, 4), 2: (16, 128, 4), 4: (16, 64, 4), 8: (16, 64, 
 
 
 def few_rows_config(M: int) -> dict:
-    """The few-rows kernel's blocks for M <= FEW_ROWS_MAX_M rows (all of them in one block)."""
+    """The few-rows kernel's launch constants for M <= FEW_ROWS_MAX_M rows (all of them in one block)."""
     block_m = pow2(M)
     block_n, block_k, warps = FEW_ROWS_TILES[block_m]
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=3, num_warps=warps)
 
 
 def gemm_bucket(M: int) -> str:
@@ -936,7 +936,7 @@ def launch_few_rows(x, g, w, parts: tuple, k_chunk: int) -> tuple:
     cfg = few_rows_config(M)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), parts[0].shape[0])
     args = (x, g if g is not None else w, w, *parts, M, N, K, k_chunk, x.stride(0), w.stride(0))
-    kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, STAGES=3, **cfg)
+    kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
     return layernorm_linear_few_rows_kernel[grid](*args, **kwargs), grid, args, kwargs
 
 
@@ -1110,7 +1110,7 @@ def offline_builds():
                 cfg = dict(few_rows_config(M))
                 warps = cfg.pop("num_warps")
                 builds.append(KernelBuild(f"ln_linear_few_rows_M{M}", layernorm_linear_few_rows_kernel, types,
-                                          dict(HAS_GAMMA=True, EVEN_K=K % cfg["BLOCK_K"] == 0, STAGES=3, **cfg),
+                                          dict(HAS_GAMMA=True, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg),
                                           num_warps=warps, divisible=divisible_args(N=4096, K=K, k_chunk=4160,
                                                                                     stride_x=K, stride_w=K)))
         else:

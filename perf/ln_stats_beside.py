@@ -2,7 +2,7 @@
 instead of before it, against the shipped op (statistics pass, then gemm) and cuBLAS F.linear, in
 rotated rounds.
 
-The gemm alone matches cuBLAS and the statistics pass is the gap (ln_stream_k.txt, run 2). Here one
+Where the gemm alone matches cuBLAS, the statistics pass is the gap (ln_stream_k.txt, run 2). Here one
 small statistics program per SM (few warps, a few KB of shared memory) walks the rows in order and
 counts each finished block of rows in; the gemm is launched behind it with programmatic dependent
 launch (as soon as every statistics program runs), its tiles (192 KB of shared memory, 172
