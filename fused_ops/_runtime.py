@@ -1,6 +1,7 @@
 """Where each op runs, and small launcher helpers shared by every op file."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -68,23 +69,64 @@ def row_tiles(n_rows: int, n_cols: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_limits(index: int) -> tuple[int, int]:
+def _cuda_limits(index: int) -> tuple[int, int, int, int, int]:
+    """(SMs, opt-in shared memory a program, registers an SM, shared memory an SM, threads an SM)."""
     props = triton.runtime.driver.active.utils.get_device_properties(index)
-    return props["multiprocessor_count"], props["max_shared_mem"]
+    torch_props = torch.cuda.get_device_properties(index)
+    return (props["multiprocessor_count"], props["max_shared_mem"], props["max_num_regs"],
+            torch_props.shared_memory_per_multiprocessor, torch_props.max_threads_per_multi_processor)
+
+
+def _limit(device: torch.device, which: int) -> int:
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())[which]
 
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (grid sizing)."""
-    if device.type != "cuda":
-        return INTERPRET_SM_COUNT
-    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())[0]
+    return INTERPRET_SM_COUNT if device.type != "cuda" else _limit(device, 0)
 
 
 def max_shared_memory(device: torch.device) -> int:
     """Opt-in shared memory per program in bytes (232448 on sm_90/sm_100, 101376 on sm_120)."""
-    if device.type != "cuda":
-        return INTERPRET_SHARED_MEMORY
-    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
+    return INTERPRET_SHARED_MEMORY if device.type != "cuda" else _limit(device, 1)
+
+
+def max_registers(device: torch.device) -> int:
+    """32-bit registers a program may hold, all of an SM's (65536 on sm_80 to sm_120)."""
+    return _limit(device, 2)
+
+
+def sm_shared_memory(device: torch.device) -> int:
+    """Shared memory of one SM in bytes, what its resident programs share (233472 on sm_90/sm_100)."""
+    return _limit(device, 3)
+
+
+def sm_threads(device: torch.device) -> int:
+    """Threads one SM holds at once (2048 on sm_90/sm_100, 1536 on sm_120)."""
+    return _limit(device, 4)
+
+
+# cuFuncSetAttribute's CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, and its "all of it" (percent)
+PREFERRED_CARVEOUT, ALL_SHARED = 9, 100
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def prefer_all_shared(kernel) -> bool:
+    """Asks the driver to configure an SM that runs this compiled kernel with all its shared memory
+    (the rest of the SM's on-chip memory is L1), so that a program of another kernel that needs
+    most of it can run there beside this one; False where the driver cannot be reached or refuses.
+    Without it an SM takes the smallest shared-memory split the kernel needs, and keeps it until
+    the SM is empty."""
+    kernel._init_handles()
+    try:
+        cu_func_set_attribute = _libcuda().cuFuncSetAttribute
+    except (OSError, AttributeError):
+        return False
+    return cu_func_set_attribute(ctypes.c_void_p(kernel.function), PREFERRED_CARVEOUT, ALL_SHARED) == 0
 
 
 # families whose GEMMs read tiles through the bulk copy engine (TMA); sm_120 spills there

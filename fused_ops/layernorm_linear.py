@@ -56,8 +56,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
 from .launch_plans import LaunchPlans, current_stream, plans_apply, same_stamp, version_stamp
-from ._runtime import (TMA_FAMILIES, dot_precision, dot_upcast, max_shared_memory, pow2, rows, skips_dispatcher,
-                       sm_count, tma_ok, use_triton)
+from ._runtime import (INTERPRET, TMA_FAMILIES, dot_precision, dot_upcast, max_registers, max_shared_memory, pow2,
+                       prefer_all_shared, rows, skips_dispatcher, sm_count, sm_shared_memory, sm_threads, tma_ok,
+                       use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
 FEW_ROWS_MAX_M = 32      # float32 at wide N: up to this many rows take the few-rows kernel, more the gemm
@@ -359,13 +360,24 @@ def row_mean_rstd(x_rows, K, eps, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
 
 
 @triton.jit
-def row_stats_kernel(x_ptr, stats_ptr, M, K, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
-    """stats[0] = row mean, stats[1] = rstd (row_mean_rstd) for the folded gemm's epilogue."""
-    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mean, rstd = row_mean_rstd(row_starts(x_ptr, row, M, stride_x), K, eps, BLOCK_K, STAGES)
-    tl.store(stats_ptr + row, mean, mask=row < M)
-    tl.store(stats_ptr + M + row, rstd, mask=row < M)
+def row_stats_kernel(x_ptr, stats_ptr, count_ptr, M, K, stride_x, eps, COUNT_BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """stats[0] = row mean, stats[1] = rstd (row_mean_rstd) for the folded gemm's epilogue, BLOCK_M
+    rows a step, the programs striding over the steps in row order.
+    COUNT_BLOCK > 0: the pass runs beside the gemm, and each step, once stored, adds 1 to
+    count[its rows // COUNT_BLOCK] (the gemm's row block), which the gemm's tiles wait on.
+    PDL: the gemm, launched with programmatic dependent launch, may start as soon as every program
+    here has (so these programs never wait for an SM that a waiting tile holds)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    for step in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        row = step * BLOCK_M + tl.arange(0, BLOCK_M)
+        mean, rstd = row_mean_rstd(row_starts(x_ptr, row, M, stride_x), K, eps, BLOCK_K, STAGES)
+        tl.store(stats_ptr + row, mean, mask=row < M)
+        tl.store(stats_ptr + M + row, rstd, mask=row < M)
+        if COUNT_BLOCK > 0:
+            tl.debug_barrier()                     # every thread's stores, then the count (release)
+            tl.atomic_add(count_ptr + step * BLOCK_M // COUNT_BLOCK, 1, sem="release", scope="gpu")
 
 
 @triton.jit
@@ -486,18 +498,20 @@ def layernorm_linear_few_rows_kernel(x_ptr, g_ptr, w_ptr, acc_part_ptr, stat_par
 
 
 @triton.jit
-def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr, sums_ptr, y_ptr, part_ptr, M, N, K,
-                                        k_chunk, stride_x, stride_w, stride_y, TMA: tl.constexpr,
+def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr, count_ptr, sums_ptr, y_ptr, part_ptr,
+                                        M, N, K, k_chunk, stride_x, stride_w, stride_y, TMA: tl.constexpr,
                                         EVEN_K: tl.constexpr, DOT_UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-                                        STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                                        STATS_ROWS: tl.constexpr, STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
+                                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """16-bit: one [BLOCK_M, BLOCK_N] tile of y = rstd * (x @ W'^T - mean * W' 1) + (W @ beta + bias), a
     plain pipelined GEMM on raw x (both operands straight from memory to the tensor cores), with
     W' = W * gamma (folded by weight_sums_kernel) and the row stats from row_stats_kernel.
     TMA: the tiles come through the descriptors x_desc, w_desc (the bulk copy engine, which zero-fills
     past M, N and K); else through pointers (x_desc, w_desc unused).
     SPLIT: program (t, s) takes K slice s (k_chunk columns) of tile t and writes its raw x @ W'^T to
-    part [S, M, N] in fp32 (stats_ptr, y_ptr unused); folded_split_finish_kernel adds the slices up."""
+    part [S, M, N] in fp32 (stats_ptr, y_ptr unused); folded_split_finish_kernel adds the slices up.
+    STATS_ROWS > 0: the statistics pass runs beside this gemm (row_stats_kernel's COUNT_BLOCK =
+    BLOCK_M, STATS_ROWS rows a step), and each tile waits for its row block's count before reading them."""
     first_row, first_col = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row = first_row + tl.arange(0, BLOCK_M)
     col = first_col + tl.arange(0, BLOCK_N)
@@ -521,8 +535,14 @@ def layernorm_linear_folded_gemm_kernel(x_ptr, w_ptr, x_desc, w_desc, stats_ptr,
     if SPLIT:
         store_tile(part_ptr + tl.program_id(1).to(tl.int64) * M * N, N, row, col, M, N, acc)
     else:
-        mean = tl.load(stats_ptr + row, mask=row < M, other=0.0)
-        rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0)
+        if STATS_ROWS > 0:
+            steps = tl.cdiv(tl.minimum(M - first_row, BLOCK_M), STATS_ROWS)
+            while tl.atomic_add(count_ptr + first_row // BLOCK_M, 0, sem="acquire", scope="gpu") < steps:
+                pass
+            tl.debug_barrier()                     # the count seen (acquire), then every thread's loads
+        # past L1: the stats may have been written by a kernel running beside this one
+        mean = tl.load(stats_ptr + row, mask=row < M, other=0.0, cache_modifier=".cg")
+        rstd = tl.load(stats_ptr + M + row, mask=row < M, other=0.0, cache_modifier=".cg")
         store_projected(y_ptr, stride_y, row, col, M, N, acc, mean, rstd, sums_ptr)
 
 
@@ -809,17 +829,30 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
 # row_stats: 4096 two-warp programs at M = 8192, 16 values per thread, loads 4 deep (H200, 8192 x 8320:
 # 0.045 ms against 0.059 unpipelined, the fastest of eight tilings in ln_stats_pass.txt)
 STATS_BLOCK_M, STATS_BLOCK_K, STATS_STAGES, STATS_WARPS = 2, 512, 4, 2
+# beside the gemm: one program an SM walking the rows; 8 warps hid the pass best (ln_stats_beside.txt)
+BESIDE_WARPS = 8
 
 
-def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float) -> tuple:
-    """stats [2, M] fp32 <- (mean, rstd) of each row of x [M, K] (row_stats_kernel); returns the
-    launch as LaunchPlans.record takes it: (compiled kernel, grid, args, kwargs)."""
-    M, K = x.shape
-    grid = (triton.cdiv(M, STATS_BLOCK_M),)
-    args = (x, stats, M, K, x.stride(0), eps)
-    kwargs = dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=min(STATS_BLOCK_K, pow2(K)), STAGES=STATS_STAGES,
-                  num_warps=STATS_WARPS)
+def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float, counts: Optional[torch.Tensor] = None,
+                     count_block: int = 0) -> tuple:
+    """stats [2, M] fp32 <- (mean, rstd) of each row of x [M, K] (row_stats_kernel); with counts (one
+    int32 a row block of count_block rows, zeroed) the pass beside the gemm: one program an SM.
+    Returns the launch as LaunchPlans.record takes it: (compiled kernel, grid, args, kwargs)."""
+    grid, args, kwargs = row_stats_launch(x, stats, eps, counts, count_block)
     return row_stats_kernel[grid](*args, **kwargs), grid, args, kwargs
+
+
+def row_stats_launch(x, stats, eps, counts=None, count_block=0) -> tuple:
+    """launch_row_stats's (grid, args, kwargs), launching nothing."""
+    M, K = x.shape
+    steps = triton.cdiv(M, STATS_BLOCK_M)
+    beside = counts is not None
+    grid = (min(steps, sm_count(x.device)) if beside else steps,)
+    args = (x, stats, counts if beside else stats, M, K, x.stride(0), eps)
+    kwargs = dict(COUNT_BLOCK=count_block if beside else 0, PDL=beside and x.is_cuda, BLOCK_M=STATS_BLOCK_M,
+                  BLOCK_K=min(STATS_BLOCK_K, pow2(K)), STAGES=STATS_STAGES,
+                  num_warps=BESIDE_WARPS if beside else STATS_WARPS)
+    return grid, args, kwargs
 
 
 def gemm_split(M: int, N: int, K: int, cfg: GemmConfig, device: torch.device) -> tuple[int, int]:
@@ -835,12 +868,22 @@ def gemm_split(M: int, N: int, K: int, cfg: GemmConfig, device: torch.device) ->
 
 
 def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig, slices: int = 1, k_chunk: int = 0,
-                       part: Optional[torch.Tensor] = None) -> tuple:
+                       part: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None) -> tuple:
     """y [M, N] <- the 16-bit gemm on x [M, K] and W' = folded [N, K], with the rows' stats
     (launch_row_stats) and the weight's sums (weight_sums); tiles through TMA where it applies.
+    counts: the statistics pass runs beside this gemm (launch_row_stats with the same counts and
+    count_block = cfg.block_m, launched just before): the tiles wait for their rows' counts, and on
+    a GPU the gemm is launched with programmatic dependent launch.
     slices > 1: the K slices' raw products go to part [slices, M, N] instead (stats and y unused;
     launch_split_finish writes y). Returns (compiled kernel, grid, args, kwargs, x's descriptor block
     or None)."""
+    grid, args, kwargs, x_block = folded_gemm_launch(x, folded, stats, sums, y, cfg, slices, k_chunk, part, counts)
+    return layernorm_linear_folded_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs, x_block
+
+
+def folded_gemm_launch(x, folded, stats, sums, y, cfg: GemmConfig, slices=1, k_chunk=0, part=None,
+                       counts=None) -> tuple:
+    """launch_folded_gemm's (grid, args, kwargs, x's descriptor block or None), launching nothing."""
     M, K = x.shape
     N = folded.shape[0]
     tma = tma_ok(x, folded)
@@ -850,11 +893,57 @@ def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig, slices: int =
         x_desc = TensorDescriptor.from_tensor(x, x_block)
         w_desc = TensorDescriptor.from_tensor(folded, [cfg.block_n, cfg.block_k])
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), slices)
-    args = (x, folded, x_desc, w_desc, stats, sums, y, sums if part is None else part, M, N, K, k_chunk or K,
-            x.stride(0), folded.stride(0), y.stride(0))
+    # an unused pointer is the sums': a plan keeps no call's tensor
+    args = (x, folded, x_desc, w_desc, stats, sums if counts is None else counts, sums, y,
+            sums if part is None else part, M, N, K, k_chunk or K, x.stride(0), folded.stride(0), y.stride(0))
     kwargs = dict(TMA=tma, EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=dot_upcast(x), SPLIT=slices > 1,
-                  **gemm_constexprs(cfg), num_warps=cfg.num_warps)
-    return layernorm_linear_folded_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs, x_block
+                  STATS_ROWS=0 if counts is None else STATS_BLOCK_M, **gemm_constexprs(cfg), num_warps=cfg.num_warps)
+    if counts is not None and x.is_cuda:
+        kwargs["launch_pdl"] = True
+    return grid, args, kwargs, x_block
+
+
+def share_an_sm(kernels, device: torch.device) -> bool:
+    """Whether one SM holds a program of each compiled kernel at once: registers (allocated 256 to a
+    warp at a time), shared memory (plus the 1 KB the driver keeps for each program) and threads."""
+    regs = shared = threads = 0
+    for kernel in kernels:
+        kernel._init_handles()
+        warps = kernel.metadata.num_warps
+        regs += warps * triton.cdiv(kernel.n_regs * 32, 256) * 256
+        shared += kernel.metadata.shared + 1024
+        threads += 32 * warps
+    return regs <= max_registers(device) and shared <= sm_shared_memory(device) and threads <= sm_threads(device)
+
+
+def beside_counts(M: int, count_block: int, device: torch.device) -> torch.Tensor:
+    """The statistics pass's finished steps, by row block of the gemm: zeroed each call (a fill a
+    CUDA graph replays), never carried over."""
+    return torch.zeros(triton.cdiv(M, count_block), dtype=torch.int32, device=device)
+
+
+_BESIDE_FITS: dict = {}       # whether the statistics pass fits beside the gemm, by what its compiles hang on
+
+
+def stats_beside(x, folded, stats, sums, y, eps, cfg: GemmConfig) -> bool:
+    """Whether the statistics pass can run beside the gemm of cfg on this device (compiling both, not
+    launching): an SM must hold a gemm tile and a statistics program at once (share_an_sm; the
+    H200's 128 x 256 tile does, the H100's 256 x 128 takes 248 registers a thread and does not), and
+    the driver must take the statistics kernel's call for all of an SM's shared memory
+    (prefer_all_shared): an SM it configured for that kernel's 6 KB would take no gemm tile until
+    its statistics program left. True under the interpreter (nothing to read, one program at a time)."""
+    if INTERPRET:
+        return True
+    K = x.shape[1]
+    key = (x.device, x.dtype, cfg, tma_ok(x, folded), K % cfg.block_k == 0, K % 16 == 0, min(STATS_BLOCK_K, pow2(K)))
+    if key not in _BESIDE_FITS:
+        counts = torch.empty(1, dtype=torch.int32, device=x.device)
+        grid, args, kwargs = row_stats_launch(x, stats, eps, counts, cfg.block_m)
+        stats_kernel = row_stats_kernel.warmup(*args, grid=grid, **kwargs)
+        grid, args, kwargs, _ = folded_gemm_launch(x, folded, stats, sums, y, cfg, counts=counts)
+        gemm_kernel = layernorm_linear_folded_gemm_kernel.warmup(*args, grid=grid, **kwargs)
+        _BESIDE_FITS[key] = share_an_sm((stats_kernel, gemm_kernel), x.device) and prefer_all_shared(stats_kernel)
+    return _BESIDE_FITS[key]
 
 
 # split finish: two rows and 512 columns a program (128 programs at 32 rows x 4096), each row's stats
@@ -874,9 +963,11 @@ def launch_split_finish(x, part, sums, y, eps) -> tuple:
     return folded_split_finish_kernel[grid](*args, **kwargs), grid, args, kwargs
 
 
-def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None):
+def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None,
+                 beside: Optional[bool] = None):
     """y = layernorm_linear(x) for 2-D x at wide N; `config` None uses pick_gemm_config. 16-bit: the
-    stats pass and the gemm, or where K is split (gemm_split) the gemm and the finish; float32:
+    stats pass and the gemm, the pass beside the gemm where it fits (stats_beside; `beside` True or
+    False forces the choice), or where K is split (gemm_split) the gemm and the finish; float32:
     _launch_fp32."""
     M, K = x.shape
     N = weight.shape[0]
@@ -895,19 +986,23 @@ def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[G
     slices, k_chunk = gemm_split(M, N, K, cfg, x.device)
     if slices == 1:
         stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
-        stats_launch = launch_row_stats(x, stats, eps)
-        *gemm_launch, x_block = launch_folded_gemm(x, w, stats, sums, y, cfg)
+        if beside is None:
+            beside = stats_beside(x, w, stats, sums, y, eps, cfg)
+        counts = beside_counts(M, cfg.block_m, x.device) if beside else None
+        stats_launch = launch_row_stats(x, stats, eps, counts, cfg.block_m)
+        *gemm_launch, x_block = launch_folded_gemm(x, w, stats, sums, y, cfg, counts=counts)
         if planned:
-            _STATS_PLANS.record(key, params, *stats_launch, slots=("x_ptr", "stats_ptr"))
-            _GEMM_PLANS.record(key, params, *gemm_launch, slots=("x_ptr", "x_desc", "stats_ptr", "y_ptr"),
-                               extra=(1, x_block))
+            _STATS_PLANS.record(key, params, *stats_launch, slots=("x_ptr", "stats_ptr", "count_ptr"))
+            slots = ("x_ptr", "x_desc", "stats_ptr", "y_ptr") + (("count_ptr",) if beside else ())
+            _GEMM_PLANS.record(key, params, *gemm_launch, slots=slots, extra=(1, x_block, cfg.block_m if beside else 0))
         return
     part = torch.empty((slices, M, N), dtype=torch.float32, device=x.device)
     # the unused stats and y pointers are the sums and the weight: a plan keeps no call's tensor
     *gemm_launch, x_block = launch_folded_gemm(x, w, sums, sums, w, cfg, slices, k_chunk, part)
     finish_launch = launch_split_finish(x, part, sums, y, eps)
     if planned:
-        _GEMM_PLANS.record(key, params, *gemm_launch, slots=("x_ptr", "x_desc", "part_ptr"), extra=(slices, x_block))
+        _GEMM_PLANS.record(key, params, *gemm_launch, slots=("x_ptr", "x_desc", "part_ptr"),
+                           extra=(slices, x_block, 0))
         _SPLIT_FINISH_PLANS.record(key, params, *finish_launch, slots=("x_ptr", "part_ptr", "y_ptr"))
 
 
@@ -989,7 +1084,7 @@ def _launch_planned_gemm(key, params, x, y) -> bool:
     gemm_plan = _GEMM_PLANS.find(key, params)
     if gemm_plan is None:
         return False
-    slices, x_block = gemm_plan.extra
+    slices, x_block, count_block = gemm_plan.extra
     other_plan = (_STATS_PLANS if slices == 1 else _SPLIT_FINISH_PLANS).find(key, params)
     if other_plan is None:
         return False
@@ -997,8 +1092,13 @@ def _launch_planned_gemm(key, params, x, y) -> bool:
     M, N = y.shape
     if slices == 1:
         stats = torch.empty((2, M), dtype=torch.float32, device=x.device)
-        other_plan.launch(x, stats)
-        gemm_plan.launch(x, x_desc, stats, y)
+        if count_block:
+            counts = beside_counts(M, count_block, x.device)
+            other_plan.launch(x, stats, counts)
+            gemm_plan.launch(x, x_desc, stats, y, counts)
+        else:
+            other_plan.launch(x, stats, stats)
+            gemm_plan.launch(x, x_desc, stats, y)
     else:
         part = torch.empty((slices, M, N), dtype=torch.float32, device=x.device)
         gemm_plan.launch(x, x_desc, part)
@@ -1062,13 +1162,20 @@ def _gemm_builds(dt: str, types: dict, K: int) -> list:
                 for (_, cfg), (family, cc), split in itertools.product(GEMM_FP32, tuning.FAMILY_CC.items(),
                                                                        (False, True))]
     builds = []
-    for (label, cfg, targets), split in itertools.product(gemm_shipped_configs(), (False, True)):
-        common = dict(EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, SPLIT=split, **gemm_constexprs(cfg))
-        name = f"ln_linear_gemm_{dt}_{label}{'_split' if split else ''}"
-        pointers = {**types, "x_desc": f"*{dt}", "w_desc": f"*{dt}"}
-        builds.append(KernelBuild(name, layernorm_linear_folded_gemm_kernel, pointers, dict(TMA=False, **common),
-                                  num_warps=cfg.num_warps, uses_dot=True, targets=targets, divisible=divisible))
+    # each config whole and K-split; whole, also waiting for the statistics pass beside it (through
+    # descriptors where the family has TMA, else pointers: the path it takes there)
+    for (label, cfg, targets), (split, stats_rows) in itertools.product(
+            gemm_shipped_configs(), ((False, 0), (True, 0), (False, STATS_BLOCK_M))):
+        common = dict(EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, SPLIT=split, STATS_ROWS=stats_rows,
+                      **gemm_constexprs(cfg))
+        name = f"ln_linear_gemm_{dt}_{label}{'_split' if split else ''}{'_beside' if stats_rows else ''}"
         tma_targets = tuple(cc for cc in targets if cc // 10 in TMA_FAMILIES)
+        pointer_targets = tuple(cc for cc in targets if not stats_rows or cc not in tma_targets)
+        if pointer_targets:
+            pointers = {**types, "x_desc": f"*{dt}", "w_desc": f"*{dt}"}
+            builds.append(KernelBuild(name, layernorm_linear_folded_gemm_kernel, pointers, dict(TMA=False, **common),
+                                      num_warps=cfg.num_warps, uses_dot=True, targets=pointer_targets,
+                                      divisible=divisible))
         if tma_targets:
             descs = {"x_desc": f"tensordesc<{dt}[{cfg.block_m}, {cfg.block_k}]>",
                      "w_desc": f"tensordesc<{dt}[{cfg.block_n}, {cfg.block_k}]>"}
@@ -1085,7 +1192,7 @@ def offline_builds():
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         types = {**{n: "i32" for n in ("M", "N", "K", "k_chunk", "stride_x", "stride_w", "stride_y", "n_split")},
                  "eps": "fp32", **{n: f"*{dt}" for n in ("x_ptr", "g_ptr", "b_ptr", "w_ptr", "bias_ptr", "y_ptr")},
-                 "folded_ptr": f"*{dt}",
+                 "folded_ptr": f"*{dt}", "count_ptr": "*i32",
                  **{n: "*fp32" for n in ("acc_part_ptr", "stat_part_ptr", "col_part_ptr", "sums_ptr", "stats_ptr",
                                          "part_ptr")}}
         flags = dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BIAS=True, DOT_UPCAST=False, PRECISION="ieee")
@@ -1118,10 +1225,12 @@ def offline_builds():
                                       dict(BLOCK_M=STATS_BLOCK_M, BLOCK_N=FINISH_BLOCK_N, BLOCK_K=STATS_BLOCK_K,
                                            STAGES=STATS_STAGES), num_warps=FINISH_WARPS,
                                       divisible=divisible_args(M=32, N=4096, K=K, stride_x=K, stride_y=4096)))
-        builds.append(KernelBuild(f"ln_linear_row_stats_{dt}", row_stats_kernel, types,
-                                  dict(BLOCK_M=STATS_BLOCK_M, BLOCK_K=STATS_BLOCK_K, STAGES=STATS_STAGES),
-                                  num_warps=STATS_WARPS,
-                                  divisible=divisible_args(M=8192, K=K, stride_x=K)))
+        builds += [KernelBuild(f"ln_linear_row_stats_{dt}{'_beside' if beside else ''}", row_stats_kernel, types,
+                               dict(COUNT_BLOCK=128 if beside else 0, PDL=beside, BLOCK_M=STATS_BLOCK_M,
+                                    BLOCK_K=STATS_BLOCK_K, STAGES=STATS_STAGES),
+                               num_warps=BESIDE_WARPS if beside else STATS_WARPS,
+                               divisible=divisible_args(M=8192, K=K, stride_x=K))
+                   for beside in (False, True)]
         builds += _gemm_builds(dt, types, K)
     return builds
 

@@ -71,8 +71,8 @@ def main() -> None:
     def library_stats(block_m, block_k, warps, stages):
         def launch(xc, stats):
             LN.row_stats_kernel[(triton.cdiv(xc.shape[0], block_m),)](
-                xc, stats, xc.shape[0], K, xc.stride(0), 1e-5, BLOCK_M=block_m, BLOCK_K=block_k, STAGES=stages,
-                num_warps=warps)
+                xc, stats, stats, xc.shape[0], K, xc.stride(0), 1e-5, COUNT_BLOCK=0, PDL=False, BLOCK_M=block_m,
+                BLOCK_K=block_k, STAGES=stages, num_warps=warps)
         return launch
 
     passes = {"unpipelined 2x1024 w4": unpipelined_stats}

@@ -177,3 +177,34 @@ def test_layernorm_linear_graph_capture_after_plans():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("beside", [False, True])
+def test_layernorm_linear_statistics_beside_in_a_graph(beside):
+    """The 16-bit gemm path, its statistics pass before or beside the gemm (zeroed counts and a
+    programmatic dependent launch, captured), replayed on fresh x: the eager answer, bit for bit."""
+    x, g, b, w, bias = ln_tests._inputs((1000, 8320), 4096, torch.bfloat16)
+    cfg = LN.pick_gemm_config(1000, x.dtype, x.device)
+
+    def call(x):
+        y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+        LN._launch_gemm(x, g, b, w, bias, y, 1e-5, cfg, beside=beside)
+        return y
+
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(static_x)
+        with torch.cuda.graph(graph, stream=side):
+            out = call(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        fresh = torch.randn_like(x)
+        static_x.copy_(fresh)
+        graph.replay()
+        eager = call(fresh)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    assert_close(out, ln_tests._oracle(fresh, g, b, w, bias), torch.bfloat16)

@@ -80,6 +80,9 @@ class _KernelLog:
             def __getitem__(self, grid):
                 log.add(name.replace("layernorm_linear_", "").replace("_kernel", ""))
                 return kernel[grid]
+
+            def warmup(self, *args, **kwargs):        # compiles only (stats_beside reads the resources)
+                return kernel.warmup(*args, **kwargs)
         return Spy()
 
 
@@ -177,6 +180,65 @@ def test_split_gemm(monkeypatch, dtype, M, K):
     assert log.names - {"weight_sums"} == split_kernels
     assert_close(y[0], (w.double() @ b.double() + bias.double()).to(dtype), dtype)
     assert_close(y, _oracle(x, g, b, w, bias), dtype)
+
+
+BESIDE_TILE = LN.GemmConfig(64, 128, 64, 8, 4, 3)   # 5 row blocks at 300 rows (16 at 1000), the last partial
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("beside", [False, True])
+def test_statistics_pass_before_or_beside_the_gemm(monkeypatch, dtype, beside):
+    """The 16-bit gemm after its statistics pass, or with the pass beside it (one program an SM
+    counting finished rows, each tile waiting for its row block's count): every element of a
+    poisoned y written, the reference's answer, a constant row and a row with a large mean included;
+    the two orders agree to rounding (the pass's warps sum in another order)."""
+    M, K, N = pick(300, 1000), 200, 600           # tiles enough that K is not split (gemm_split)
+    x, g, b, w, bias = _inputs((M, K), N, dtype)
+    x[0] = 1234.5
+    x[-1] += 100.0
+    assert LN.gemm_split(M, N, K, BESIDE_TILE, x.device)[0] == 1
+    log = _KernelLog(monkeypatch)
+    y = torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+    LN._launch_gemm(x, g, b, w, bias, y, 1e-5, BESIDE_TILE, beside=beside)
+    assert log.names - {"weight_sums"} == {"row_stats", "folded_gemm"}
+    assert_close(y[0], (w.double() @ b.double() + bias.double()).to(dtype), dtype)
+    assert_close(y, _oracle(x, g, b, w, bias), dtype)
+    other = torch.full_like(y, float("nan"))
+    LN._launch_gemm(x, g, b, w, bias, other, 1e-5, BESIDE_TILE, beside=not beside)
+    assert_close(other, y, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="two kernels running at once need a GPU")
+def test_gemm_tiles_wait_for_statistics_written_after_them():
+    """The waiting gemm launched first on one stream, its statistics (poisoned until then) computed
+    later on another: every tile must wait for its row block's count. The grid's 25 tiles leave
+    most SMs free for the statistics programs. Every kernel runs once in the library's order first:
+    loading a module (a first launch) waits for the device, which the waiting gemm would hold."""
+    M, K, N = 300, 8320, 600
+    x, g, b, w, bias = _inputs((M, K), N, torch.bfloat16)
+    sums, folded = LN.weight_sums(w, g, b, bias)
+    stats = torch.empty((2, M), device=DEVICE)
+    y = torch.empty((M, N), dtype=x.dtype, device=DEVICE)
+    late = torch.cuda.Stream()
+
+    def statistics(counts):
+        with torch.cuda.stream(late):
+            torch.cuda._sleep(20_000_000)                # ~10 ms of GPU clock before the pass starts
+            LN.launch_row_stats(x, stats, 1e-5, counts, BESIDE_TILE.block_m)
+
+    counts = LN.beside_counts(M, BESIDE_TILE.block_m, x.device)
+    torch.cuda.synchronize()
+    statistics(counts)
+    late.synchronize()
+    LN.launch_folded_gemm(x, folded, stats, sums, y, BESIDE_TILE, counts=counts)
+    counts.zero_()
+    stats.fill_(float("nan"))
+    y.fill_(float("nan"))
+    torch.cuda.synchronize()
+    LN.launch_folded_gemm(x, folded, stats, sums, y, BESIDE_TILE, counts=counts)
+    statistics(counts)
+    torch.cuda.synchronize()
+    assert_close(y, _oracle(x, g, b, w, bias), torch.bfloat16)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")     # the interpreter's numpy: inf - inf
