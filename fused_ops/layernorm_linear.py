@@ -24,7 +24,10 @@ Kernels
   version and cached, and tiles in grouped program order:
   - 16-bit: a plain pipelined GEMM on raw x, y = rstd * (x @ W'^T - mean * W' 1) + W @ beta + bias,
     with W' = W * gamma folded and cached beside the sums, and (mean, rstd) from a stats pass that
-    reads x once (row_stats_kernel, ~5% of the GEMM at 8192 x 8320 x 4096). Both operands go
+    reads x once (row_stats_kernel, ~5% of the GEMM at 8192 x 8320 x 4096). Where an SM holds a
+    gemm tile and a statistics program at once (stats_beside), the pass runs beside the gemm: one
+    program an SM counts finished row blocks, the gemm follows with programmatic dependent launch,
+    and each tile waits for its row block's count before its epilogue. Both operands go
     straight from memory (TMA on sm_90/sm_100) to the tensor cores. Where the tiles would leave half
     the SMs or more idle (few rows), K is split over programs that write fp32 parts, and a finish
     kernel reads the rows' statistics as the stats pass does and adds the parts up (still two
@@ -927,8 +930,8 @@ _BESIDE_FITS: dict = {}       # whether the statistics pass fits beside the gemm
 
 def stats_beside(x, folded, stats, sums, y, eps, cfg: GemmConfig) -> bool:
     """Whether the statistics pass can run beside the gemm of cfg on this device (compiling both, not
-    launching): an SM must hold a gemm tile and a statistics program at once (share_an_sm; the
-    H200's 128 x 256 tile does, the H100's 256 x 128 takes 248 registers a thread and does not), and
+    launching): an SM must hold a gemm tile and a statistics program at once (share_an_sm; on sm_90 the 128 x 256 tile does, 256 x
+    128 takes 248-250 registers a thread and does not), and
     the driver must take the statistics kernel's call for all of an SM's shared memory
     (prefer_all_shared): an SM it configured for that kernel's 6 KB would take no gemm tile until
     its statistics program left. True under the interpreter (nothing to read, one program at a time)."""

@@ -2,8 +2,8 @@
 the gemm (the library's order where an SM holds a gemm tile and a statistics program at once:
 layernorm_linear.stats_beside) against the pass before the gemm, the gemm alone, and cuBLAS
 F.linear, in rotated rounds of CUDA-graph replays (GPU time: an eager call at a few hundred rows is
-bound by the CPU), for the device's tuned tile and, where that differs, the 128 x 256 tile (the
-H200's, which leaves room on sm_90).
+bound by the CPU), for the device's tuned tile and, where that differs, the 128 x 256 tile (which
+leaves room on sm_90).
 
 Beside the gemm: one statistics program an SM walks the rows in order and counts each finished row
 block in; the gemm is launched behind it with programmatic dependent launch (as soon as every

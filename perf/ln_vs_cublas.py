@@ -2,7 +2,7 @@
 F.linear, in alternating rounds whose order rotates (the H200's clocks fall under sustained GEMM
 load, and by how much depends on what ran before): the shipped path (row-statistics pass + folded
 gemm) at the tuned config and at the built-in fallback; the pass runs beside the gemm where an SM
-holds a tile and a statistics program at once (the H200's tuned 128 x 256 tile), else before it
+holds a tile and a statistics program at once (the 128 x 256 tile tuned on both Hoppers), else before it
 (the tuned tile is also timed with the pass first). Prints each contender's median, best and every round.
 
     python -m perf.ln_vs_cublas        (CUDA machine)
