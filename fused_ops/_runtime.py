@@ -111,7 +111,7 @@ PREFERRED_CARVEOUT, ALL_SHARED = 9, 100
 
 
 @functools.lru_cache(maxsize=1)
-def _libcuda():
+def libcuda():
     return ctypes.CDLL("libcuda.so.1")
 
 
@@ -119,11 +119,11 @@ def prefer_all_shared(kernel) -> bool:
     """Asks the driver to configure an SM that runs this compiled kernel with all its shared memory
     (the rest of the SM's on-chip memory is L1), so that a program of another kernel that needs
     most of it can run there beside this one; False where the driver cannot be reached or refuses.
-    Without it an SM takes the smallest shared-memory split the kernel needs, and keeps it until
-    the SM is empty."""
+    Without it an SM that runs the kernel keeps a small shared-memory split until it is empty
+    (layernorm_linear's statistics pass beside the gemm: ln_stats_beside.txt, run 5)."""
     kernel._init_handles()
     try:
-        cu_func_set_attribute = _libcuda().cuFuncSetAttribute
+        cu_func_set_attribute = libcuda().cuFuncSetAttribute
     except (OSError, AttributeError):
         return False
     return cu_func_set_attribute(ctypes.c_void_p(kernel.function), PREFERRED_CARVEOUT, ALL_SHARED) == 0

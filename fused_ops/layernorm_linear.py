@@ -930,9 +930,9 @@ _BESIDE_FITS: dict = {}       # whether the statistics pass fits beside the gemm
 
 def stats_beside(x, folded, stats, sums, y, eps, cfg: GemmConfig) -> bool:
     """Whether the statistics pass can run beside the gemm of cfg on this device (compiling both, not
-    launching): an SM must hold a gemm tile and a statistics program at once (share_an_sm; on sm_90 the 128 x 256 tile does, 256 x
-    128 takes 248-250 registers a thread and does not), and
-    the driver must take the statistics kernel's call for all of an SM's shared memory
+    launching). An SM must hold a gemm tile and a statistics program at once (share_an_sm: on sm_90
+    the 128 x 256 tile does, 256 x 128 takes 248-250 registers a thread and does not), and the
+    driver must take the statistics kernel's call for all of an SM's shared memory
     (prefer_all_shared): an SM it configured for that kernel's 6 KB would take no gemm tile until
     its statistics program left. True under the interpreter (nothing to read, one program at a time)."""
     if INTERPRET:

@@ -32,7 +32,9 @@ def _local_bytes(run) -> int:
     import ctypes
 
     from triton import knobs
-    cuda = ctypes.CDLL("libcuda.so.1")
+
+    from ._runtime import libcuda
+    cuda = libcuda()
     found = [0]
 
     def record(metadata):
