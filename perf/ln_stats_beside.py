@@ -34,7 +34,9 @@ def tile_name(cfg) -> str:
 
 
 def graphed(fn):
-    """fn's launches captured in a CUDA graph (warmed up on the capture stream first); the replay."""
+    """fn's launches captured in a CUDA graph (warmed up on the capture stream first); a replay that
+    keeps fn, and with it the tensors the graph writes, alive (a freed output's memory may be handed
+    back to the driver at the next capture, and the replay would then write to unmapped memory)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
@@ -43,7 +45,11 @@ def graphed(fn):
         with torch.cuda.graph(graph, stream=side):
             fn()
     torch.cuda.current_stream().wait_stream(side)
-    return graph.replay
+
+    def replay():
+        graph.replay()
+    replay.captured = fn                # alive as long as the replay
+    return replay
 
 
 def contenders_at(M: int, g: torch.Generator) -> dict:
