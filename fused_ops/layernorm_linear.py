@@ -945,7 +945,11 @@ def stats_beside(x, folded, stats, sums, y, eps, cfg: GemmConfig) -> bool:
         stats_kernel = row_stats_kernel.warmup(*args, grid=grid, **kwargs)
         grid, args, kwargs, _ = folded_gemm_launch(x, folded, stats, sums, y, cfg, counts=counts)
         gemm_kernel = layernorm_linear_folded_gemm_kernel.warmup(*args, grid=grid, **kwargs)
-        _BESIDE_FITS[key] = share_an_sm((stats_kernel, gemm_kernel), x.device) and prefer_all_shared(stats_kernel)
+        try:
+            fits = share_an_sm((stats_kernel, gemm_kernel), x.device) and prefer_all_shared(stats_kernel)
+        except AttributeError:         # a Triton whose compiled kernels say less: the pass goes first
+            fits = False
+        _BESIDE_FITS[key] = fits
     return _BESIDE_FITS[key]
 
 

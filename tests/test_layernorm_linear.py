@@ -213,7 +213,8 @@ def test_gemm_tiles_wait_for_statistics_written_after_them():
     """The waiting gemm launched first on one stream, its statistics (poisoned until then) computed
     later on another: every tile must wait for its row block's count. The grid's 25 tiles leave
     most SMs free for the statistics programs. Every kernel runs once in the library's order first:
-    loading a module (a first launch) waits for the device, which the waiting gemm would hold."""
+    a first launch loads its module, which may wait for the device, and so for the waiting gemm (a
+    run without this warm-up hung)."""
     M, K, N = 300, 8320, 600
     x, g, b, w, bias = _inputs((M, K), N, torch.bfloat16)
     sums, folded = LN.weight_sums(w, g, b, bias)
