@@ -51,19 +51,30 @@ def time_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float
     return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def graph_time_ms(fn: Callable[[], object], replays: int = 20) -> float:
-    """Median milliseconds of one replay of a CUDA graph holding `replays` calls of fn()."""
+def graphed(fn: Callable[[], object], warmups: int = 3) -> Callable[[], None]:
+    """fn's launches captured in a CUDA graph, after `warmups` calls on the capture stream
+    (compilation, autotuning); returns a replay that keeps fn, and with it the tensors the graph
+    writes, alive (a freed output's memory may go back to the driver at the next capture, and the
+    replay would then write to unmapped memory)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
-        for _ in range(3):                     # warm up (compilation, autotuning) outside capture
+        for _ in range(warmups):
+            fn()
+        with torch.cuda.graph(graph, stream=stream):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(replays):
-            fn()
-    return time_ms(graph.replay) / replays
+
+    def replay():
+        graph.replay()
+    replay.captured = fn                # alive as long as the replay
+    return replay
+
+
+def graph_time_ms(fn: Callable[[], object], replays: int = 20) -> float:
+    """Median milliseconds of one replay of a CUDA graph holding `replays` calls of fn()."""
+    return time_ms(graphed(lambda: [fn() for _ in range(replays)], warmups=1)) / replays
 
 
 def rotated_rounds(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from perf.harness import print_rounds, rotated_rounds
+from perf.harness import graphed, print_rounds, rotated_rounds
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
 K, N = 8320, 4096
@@ -31,25 +31,6 @@ H200_TILE = LN.GemmConfig(128, 256, 64, 8, 8, 4)
 
 def tile_name(cfg) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages}"
-
-
-def graphed(fn):
-    """fn's launches captured in a CUDA graph (warmed up on the capture stream first); a replay that
-    keeps fn, and with it the tensors the graph writes, alive (a freed output's memory may be handed
-    back to the driver at the next capture, and the replay would then write to unmapped memory)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        fn()
-        with torch.cuda.graph(graph, stream=side):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-
-    def replay():
-        graph.replay()
-    replay.captured = fn                # alive as long as the replay
-    return replay
 
 
 def contenders_at(M: int, g: torch.Generator) -> dict:
