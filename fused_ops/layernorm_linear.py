@@ -841,11 +841,11 @@ def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float, counts: O
     """stats [2, M] fp32 <- (mean, rstd) of each row of x [M, K] (row_stats_kernel); with counts (one
     int32 a row block of count_block rows, zeroed) the pass beside the gemm: one program an SM.
     Returns the launch as LaunchPlans.record takes it: (compiled kernel, grid, args, kwargs)."""
-    grid, args, kwargs = row_stats_launch(x, stats, eps, counts, count_block)
+    grid, args, kwargs = row_stats_args(x, stats, eps, counts, count_block)
     return row_stats_kernel[grid](*args, **kwargs), grid, args, kwargs
 
 
-def row_stats_launch(x, stats, eps, counts=None, count_block=0) -> tuple:
+def row_stats_args(x, stats, eps, counts=None, count_block=0) -> tuple:
     """launch_row_stats's (grid, args, kwargs), launching nothing."""
     M, K = x.shape
     steps = triton.cdiv(M, STATS_BLOCK_M)
@@ -880,11 +880,11 @@ def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig, slices: int =
     slices > 1: the K slices' raw products go to part [slices, M, N] instead (stats and y unused;
     launch_split_finish writes y). Returns (compiled kernel, grid, args, kwargs, x's descriptor block
     or None)."""
-    grid, args, kwargs, x_block = folded_gemm_launch(x, folded, stats, sums, y, cfg, slices, k_chunk, part, counts)
+    grid, args, kwargs, x_block = folded_gemm_args(x, folded, stats, sums, y, cfg, slices, k_chunk, part, counts)
     return layernorm_linear_folded_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs, x_block
 
 
-def folded_gemm_launch(x, folded, stats, sums, y, cfg: GemmConfig, slices=1, k_chunk=0, part=None,
+def folded_gemm_args(x, folded, stats, sums, y, cfg: GemmConfig, slices=1, k_chunk=0, part=None,
                        counts=None) -> tuple:
     """launch_folded_gemm's (grid, args, kwargs, x's descriptor block or None), launching nothing."""
     M, K = x.shape
@@ -941,9 +941,9 @@ def stats_beside(x, folded, stats, sums, y, eps, cfg: GemmConfig) -> bool:
     key = (x.device, x.dtype, cfg, tma_ok(x, folded), K % cfg.block_k == 0, K % 16 == 0, min(STATS_BLOCK_K, pow2(K)))
     if key not in _BESIDE_FITS:
         counts = torch.empty(1, dtype=torch.int32, device=x.device)
-        grid, args, kwargs = row_stats_launch(x, stats, eps, counts, cfg.block_m)
+        grid, args, kwargs = row_stats_args(x, stats, eps, counts, cfg.block_m)
         stats_kernel = row_stats_kernel.warmup(*args, grid=grid, **kwargs)
-        grid, args, kwargs, _ = folded_gemm_launch(x, folded, stats, sums, y, cfg, counts=counts)
+        grid, args, kwargs, _ = folded_gemm_args(x, folded, stats, sums, y, cfg, counts=counts)
         gemm_kernel = layernorm_linear_folded_gemm_kernel.warmup(*args, grid=grid, **kwargs)
         try:
             fits = share_an_sm((stats_kernel, gemm_kernel), x.device) and prefer_all_shared(stats_kernel)

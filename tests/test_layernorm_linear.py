@@ -208,6 +208,21 @@ def test_statistics_pass_before_or_beside_the_gemm(monkeypatch, dtype, beside):
     assert_close(other, y, dtype)
 
 
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability() != (9, 0), reason="sm_90's register counts")
+def test_statistics_pass_goes_beside_only_the_tiles_that_leave_room():
+    """On sm_90 a 128 x 256 tile (176 registers a thread) leaves an SM room for a statistics program,
+    and 256 x 128 (248-250) does not: stats_beside must read both from the compiled kernels (a
+    Triton whose kernels stopped reporting them would make every answer False)."""
+    M, K, N = 256, 8320, 4096
+    x, g, b, w, bias = _inputs((M, K), N, torch.bfloat16)
+    sums, folded = LN.weight_sums(w, g, b, bias)
+    stats = torch.empty((2, M), device=DEVICE)
+    y = torch.empty((M, N), dtype=x.dtype, device=DEVICE)
+    wide, tall = LN.GemmConfig(128, 256, 64, 8, 8, 4), LN.GemmConfig(256, 128, 64, 8, 8, 4)
+    assert LN.stats_beside(x, folded, stats, sums, y, 1e-5, wide)
+    assert not LN.stats_beside(x, folded, stats, sums, y, 1e-5, tall)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="two kernels running at once need a GPU")
 def test_gemm_tiles_wait_for_statistics_written_after_them():
     """The waiting gemm launched first on one stream, its statistics (poisoned until then) computed
