@@ -39,10 +39,13 @@ Kernels
     row (std = 0) would multiply the rounding by 1/sqrt(eps): its stats pass gives rstd = 0, so y =
     W @ beta + bias, exactly LayerNorm's answer.
   - float32 (fp32 tolerance): the pivot path; the row statistics come from the x tiles it loads,
-    shifted and scaled in registers, for the dot (FMA units: tiles by M, GEMM_FP32). K is split by
-    the same rule; each slice's row sums go beside its part, and the rows kernel's finish adds them.
-    Up to 32 rows the few-rows kernel takes its place: the same steps, but the products are kept per
-    lane instead of going through tl.dot's FMA tiles, and K is always split (few_rows_split).
+    shifted and scaled in registers, for the dot (tiles by family and M, GEMM_FP32). The dot takes
+    three tf32 products on the tensor cores (fp32_precision: a = a_hi + a_lo, a_hi b_hi + a_hi b_lo
+    + a_lo b_hi), whose error against float64 measured below the FMA units' (perf/ln_fp32_tf32x3.py),
+    or one where torch allows tf32. K is split by the same rule; each slice's row sums go beside
+    its part, and the rows kernel's finish adds them. Up to 16 rows, where the gemm is bound by its
+    weight reads, the few-rows kernel takes its place: the same steps on the FMA units, the products
+    kept per lane, K always split (few_rows_split).
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ from ._runtime import (INTERPRET, TMA_FAMILIES, dot_precision, dot_upcast, max_r
                        use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
-FEW_ROWS_MAX_M = 32      # float32 at wide N: up to this many rows take the few-rows kernel, more the gemm
+FEW_ROWS_MAX_M = 16      # float32 at wide N: up to this many rows take the few-rows kernel, more the gemm
 FEW_ROWS_WARPS = 16      # the few-rows kernel's K slices aim at this many warps an SM (perf/ln_fp32_few.py)
 TILE_BUDGET = 8192       # fp32 values in the widest per-step tile of the rows kernel (registers)
 ROWS_STAGE_BYTES = 65536  # shared memory for the rows kernel's pipeline: 3 K steps in flight, else 2
@@ -481,11 +484,12 @@ def layernorm_linear_gemm_kernel(x_ptr, g_ptr, w_ptr, sums_ptr, y_ptr, acc_part_
 def layernorm_linear_few_rows_kernel(x_ptr, g_ptr, w_ptr, acc_part_ptr, stat_part_ptr, M, N, K, k_chunk, stride_x,
                                      stride_w, HAS_GAMMA: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
                                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float32, 1-32 rows (all in one program, BLOCK_M >= M): program (column block j, K slice s) takes
+    """float32, 1-16 rows (all in one program, BLOCK_M >= M): program (column block j, K slice s) takes
     BLOCK_N columns over k_chunk of K. The products stay per lane, [BLOCK_M, BLOCK_N, BLOCK_K] in
     registers, summed over K once after the loop; tl.dot's FMA tiles (the gemm kernel) read both
-    operands from shared memory every step and took 2-3x longer here (perf/ln_fp32_few.py). Always
-    writes its parts (store_fp32_parts) for layernorm_linear_finish_kernel."""
+    operands from shared memory every step and took 2-3x longer here (perf/ln_fp32_few.py), its
+    tf32x3 dot 1.4-2.7x (H200, ln_fp32_tf32x3.txt). Always writes its parts (store_fp32_parts) for
+    layernorm_linear_finish_kernel."""
     row = tl.arange(0, BLOCK_M)
     first_col = tl.program_id(0) * BLOCK_N
     col = first_col + tl.arange(0, BLOCK_N)
@@ -621,24 +625,35 @@ class GemmConfig:
     num_stages: int
 
 
-# float32 from 33 rows (the pivot path, FMA units unless tf32 is allowed): tiles by M, not tuned. Of 13
-# tiles at 8320 x 4096 on the H100 (perf/ln_fp32_tiles.py, ln_fp32_tiles.txt; K split by gemm_split), the
-# fastest that spill nothing: 348 us at 64 rows, 410 at 128, 812 at 256, 3248 at 1024 (128 x 256 x 16 took
-# 775 at 256 and 2442 at 1024, but spills in its loop)
-GEMM_FP32 = ((64, GemmConfig(64, 128, 32, 8, 8, 3)), (None, GemmConfig(128, 128, 32, 8, 8, 3)))
+# float32 from 17 rows (the pivot path, its dot in tf32x3): tiles by family, then by M, not tuned. On the
+# H200 (perf/ln_fp32_tf32x3.py, ln_fp32_tf32x3.txt; K split by gemm_split) 64 x 128 x 32 at 4 warps took
+# 102-109 us at 17-64 rows and 128 x 128 x 32 at 8 warps 140 at 96-128, 267 at 256 and 1039 at 1024,
+# the fastest of five tiles. On sm_100 and sm_120, which no run here reaches, the tiles are the
+# fastest sm_90 tiles that compile there without spills (offline_builds; the 4-warp 64-row tile
+# spills on both, 128 x 128 x 32 on sm_120).
+GEMM_FP32 = {"sm_90": ((64, GemmConfig(64, 128, 32, 8, 4, 3)), (None, GemmConfig(128, 128, 32, 8, 8, 4))),
+             "sm_100": ((64, GemmConfig(64, 128, 16, 8, 4, 4)), (None, GemmConfig(128, 128, 32, 8, 8, 4))),
+             "sm_120": ((None, GemmConfig(64, 128, 16, 8, 4, 4)),)}
 
 
-def gemm_fp32_config(M: int) -> GemmConfig:
-    """The float32 gemm's tile for M rows (GEMM_FP32)."""
-    return next(cfg for most, cfg in GEMM_FP32 if most is None or M <= most)
+def gemm_fp32_config(M: int, family: str) -> GemmConfig:
+    """The float32 gemm's tile for M rows on a family (GEMM_FP32; others take sm_90's)."""
+    return next(cfg for most, cfg in GEMM_FP32.get(family, GEMM_FP32["sm_90"]) if most is None or M <= most)
+
+
+def fp32_precision(device: torch.device) -> str:
+    """The float32 gemm's tl.dot input precision: tf32 where torch allows it (SPEC: Dtypes), else
+    tf32x3 (float32's accuracy from three tf32 products) where the GPU has tf32, else the FMA units."""
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 # the few-rows kernel's (BLOCK_N, BLOCK_K, warps) by rows (a power of two): the fastest of 2-3 tilings at
 # each on the H100 (ln_fp32_few.txt), except at 16 rows, where 16 x 64 (74-78 against 79-82 us) spills on
-# sm_120 under triton 3.6, and at 32, where 16 x 16 at 4 warps swung from 177 to 231 us with the split
-# (16 x 32 at 8 warps: 212-225); 32-64 registers of products a thread. At 64 rows the gemm is faster.
-FEW_ROWS_TILES = {1: (16, 256, 4), 2: (16, 128, 4), 4: (16, 64, 4), 8: (16, 64, 4), 16: (32, 32, 8),
-                  32: (16, 32, 8)}
+# sm_120 under triton 3.6; 32-64 registers of products a thread. From 17 rows the gemm is faster (H200:
+# 107 us at 24 rows against 217, ln_fp32_tf32x3.txt).
+FEW_ROWS_TILES = {1: (16, 256, 4), 2: (16, 128, 4), 4: (16, 64, 4), 8: (16, 64, 4), 16: (32, 32, 8)}
 
 
 def few_rows_config(M: int) -> dict:
@@ -700,7 +715,7 @@ def pick_gemm_config(M: int, dtype: torch.dtype, device: torch.device) -> GemmCo
     """The tuned entry of M's bucket for this device, else the fallback; both cut to the device's
     own shared memory where it has less than its family (a no-op on sm_90, sm_100 and sm_120)."""
     if dtype == torch.float32:
-        config = gemm_fp32_config(M)
+        config = gemm_fp32_config(M, tuning.device_family(device))
     else:
         config = tuning.config_for("layernorm_linear", gemm_bucket(M), gemm_fallback, gemm_from_json)
     return fit_shared(config, max_shared_memory(device), dtype.itemsize)
@@ -1025,7 +1040,7 @@ def launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, slices: int = 1, k_
     # an absent gamma's pointer (never read) is the weight's: a plan must keep no call's tensor
     args = (x, g if g is not None else w, w, sums, y, acc_part, stat_part, M, N, K, k_chunk or K, x.stride(0),
             w.stride(0), y.stride(0), eps)
-    kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, PRECISION=dot_precision(x.dtype),
+    kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, PRECISION=fp32_precision(x.device),
                   SPLIT=slices > 1, **gemm_constexprs(cfg), num_warps=cfg.num_warps)
     return layernorm_linear_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs
 
@@ -1044,7 +1059,7 @@ def launch_few_rows(x, g, w, parts: tuple, k_chunk: int) -> tuple:
 
 def few_rows_split(M: int, N: int, K: int, device_sms: int) -> tuple[int, int]:
     """(slices, k_chunk) of the few-rows kernel: K cut until about FEW_ROWS_WARPS warps an SM (at 8320 x
-    4096 on 132 SMs: 2 slices up to 16 rows, 1 at 17-32; ln_fp32_few.txt)."""
+    4096 on 132 SMs: 2 slices; ln_fp32_few.txt)."""
     cfg = few_rows_config(M)
     programs = triton.cdiv(N, cfg["BLOCK_N"]) * cfg["num_warps"]
     return _k_slices(max(1, FEW_ROWS_WARPS * device_sms // programs), K, cfg["BLOCK_K"])
@@ -1160,14 +1175,14 @@ def _gemm_builds(dt: str, types: dict, K: int) -> list:
     tiles; each 16-bit config through pointers and, on the TMA families, through descriptors."""
     from .offline import KernelBuild
     divisible = divisible_args(M=8192, N=4096, K=K, k_chunk=2112, stride_x=K, stride_w=K, stride_y=4096)
-    if dt == "fp32":                   # each tile as pick_gemm_config cuts it to the family's shared memory
+    if dt == "fp32":                   # each family's tiles as pick_gemm_config cuts them to its shared memory
         return [KernelBuild(f"ln_linear_gemm_fp32_{cfg.block_m}x{cfg.block_n}_sm{cc}{'_split' if split else ''}",
                             layernorm_linear_gemm_kernel, types,
-                            dict(HAS_GAMMA=True, PRECISION="ieee", EVEN_K=K % cfg.block_k == 0, SPLIT=split,
+                            dict(HAS_GAMMA=True, PRECISION="tf32x3", EVEN_K=K % cfg.block_k == 0, SPLIT=split,
                                  **gemm_constexprs(fit_shared(cfg, tuning.SHARED_LIMIT[family], 4))),
-                            num_warps=cfg.num_warps, targets=(cc,), divisible=divisible)
-                for (_, cfg), (family, cc), split in itertools.product(GEMM_FP32, tuning.FAMILY_CC.items(),
-                                                                       (False, True))]
+                            num_warps=cfg.num_warps, uses_dot=True, targets=(cc,), divisible=divisible)
+                for (family, cc), split in itertools.product(tuning.FAMILY_CC.items(), (False, True))
+                for _, cfg in GEMM_FP32[family]]
     builds = []
     # each config whole and K-split; whole, also waiting for the statistics pass beside it (through
     # descriptors where the family has TMA, else pointers: the path it takes there)

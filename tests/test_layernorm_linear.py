@@ -20,7 +20,7 @@ KERNELS = ("layernorm_linear_rows_kernel", "layernorm_linear_finish_kernel", "la
            "row_stats_kernel", "weight_sums_kernel")
 
 # (x shape, N, kernels expected; the gemm's weight_sums kernel runs only on a cache miss, so it is
-# left out; "gemm" is the float32 few-rows kernel + the finish (up to 32 rows), or the float32 gemm
+# left out; "gemm" is the float32 few-rows kernel + the finish (up to 16 rows), or the float32 gemm
 # (+ the finish where K is split), or the 16-bit stats + folded gemm, or where K is split the folded
 # gemm + its finish, see _expected). On CPU the
 # interpreter reports 4 SMs, so ~8 programs fill it: that picks the paths below; on a GPU, "rows"
@@ -32,7 +32,7 @@ CASES = [
     ((130, 100), 16, {"rows"}),                  # 16-row blocks: tl.dot tiles
     ((5, 300), 600, {"gemm"}),                   # few rows, wide N: float32's few-rows kernel
     ((2, 512), 600, {"gemm"}),                   # the same, K a whole number of its steps
-    ((20, 300), 600, {"gemm"}),                  # the same at 32-row blocks (float32: the gemm from 33)
+    ((20, 300), 600, {"gemm"}),                  # 32-row blocks (float32: the gemm from 17 rows)
     ((40, 200), 520, {"gemm"}),                  # gemm, K and N tails
     ((33, 128), 600, {"gemm"}),                  # gemm, K a whole number of steps
     ((0, 16), 8, set()),
@@ -160,6 +160,7 @@ def test_constant_rows(dtype, shape, N):
 
 
 SPLIT_TILE = LN.GemmConfig(64, 256, 64, 8, 8, 3)     # 2 column blocks at N = 300: K split on CPU's 4 SMs too
+SPLIT_TILE_FP32 = LN.GemmConfig(64, 256, 32, 8, 8, 3)  # the same in the shared memory of 4-byte tiles
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -172,10 +173,11 @@ def test_split_gemm(monkeypatch, dtype, M, K):
     x, g, b, w, bias = _inputs((M, K), 300, dtype)
     x[0] = 1234.5
     x[-1] += 100.0
-    assert LN.gemm_split(M, 300, K, SPLIT_TILE, x.device)[0] > 1
+    tile = SPLIT_TILE_FP32 if dtype == torch.float32 else SPLIT_TILE
+    assert LN.gemm_split(M, 300, K, tile, x.device)[0] > 1
     log = _KernelLog(monkeypatch)
     y = torch.full((M, 300), float("nan"), dtype=dtype, device=DEVICE)
-    LN._launch_gemm(x, g, b, w, bias, y, 1e-5, SPLIT_TILE)
+    LN._launch_gemm(x, g, b, w, bias, y, 1e-5, tile)
     split_kernels = {"gemm", "finish"} if dtype == torch.float32 else {"folded_gemm", "folded_split_finish"}
     assert log.names - {"weight_sums"} == split_kernels
     assert_close(y[0], (w.double() @ b.double() + bias.double()).to(dtype), dtype)
@@ -320,12 +322,16 @@ def test_opcheck(N, affine):
 
 @pytest.mark.skipif(not ON_GPU, reason="tf32 is a GPU mode")
 def test_tf32_only_when_allowed():
+    """The float32 gemm's dot: three tf32 products (float32's accuracy) unless torch allows tf32,
+    then one (~1e-3). The float32 tolerance, 1e-5, fails a single tf32 product here."""
     x, g, b, w, bias = _inputs((300, 1023), 1000, torch.float32)
     ref = _oracle(x, g, b, w, bias)
+    assert LN.fp32_precision(x.device) == "tf32x3"
     assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), ref, torch.float32)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
+        assert LN.fp32_precision(x.device) == "tf32"
         assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), ref, torch.float32,
                      table={torch.float32: 1e-3})
     finally:

@@ -122,9 +122,11 @@ def test_gemm_launch_config_without_json(config_dir):
     device = torch.device(DEVICE)
     assert LN.pick_gemm_config(300, torch.bfloat16, device) == LN.fit_shared(
         LN.gemm_fallback("M512", family), LN.max_shared_memory(device))
-    for M, tile in ((33, (64, 128, 32, 8, 8, 3)), (64, (64, 128, 32, 8, 8, 3)), (65, (128, 128, 32, 8, 8, 3)),
-                    (9000, (128, 128, 32, 8, 8, 3))):
-        assert LN.gemm_fp32_config(M) == LN.GemmConfig(*tile)
+    tiles = {"sm_120": ((17, (64, 128, 16, 8, 4, 4)), (9000, (64, 128, 16, 8, 4, 4))),
+             "sm_100": ((17, (64, 128, 16, 8, 4, 4)), (64, (64, 128, 16, 8, 4, 4)), (65, (128, 128, 32, 8, 8, 4)))}
+    for M, tile in tiles.get(family, ((17, (64, 128, 32, 8, 4, 3)), (64, (64, 128, 32, 8, 4, 3)),
+                                      (65, (128, 128, 32, 8, 8, 4)), (9000, (128, 128, 32, 8, 8, 4)))):
+        assert LN.gemm_fp32_config(M, family) == LN.GemmConfig(*tile)
         assert LN.pick_gemm_config(M, torch.float32, device) == LN.fit_shared(
             LN.GemmConfig(*tile), LN.max_shared_memory(device), 4)
 
