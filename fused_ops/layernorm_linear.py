@@ -627,7 +627,7 @@ class GemmConfig:
 
 # float32 from 17 rows (the pivot path, its dot in tf32x3): tiles by family, then by M, not tuned. On the
 # H200 (perf/ln_fp32_tf32x3.py, ln_fp32_tf32x3.txt; K split by gemm_split) 64 x 128 x 32 at 4 warps took
-# 102-109 us at 17-64 rows and 128 x 128 x 32 at 8 warps 140 at 96-128, 267 at 256 and 1039 at 1024,
+# 102-109 us at 17-64 rows and 128 x 128 x 32 at 8 warps 141-142 at 96-128, 267 at 256 and 1039 at 1024,
 # the fastest of five tiles. On sm_100 and sm_120, which no run here reaches, the tiles are the
 # fastest sm_90 tiles that compile there without spills (offline_builds; the 4-warp 64-row tile
 # spills on both, 128 x 128 x 32 on sm_120).

@@ -6,7 +6,7 @@ descriptor. The row-statistics pass is timed alone and each gemm without it, so 
 the whole op would take. Each contender is checked against a float32 reference first.
 Warp-specialised builds of the persistent kernel (tl.range(warp_specialize=True), num_warps=4: a
 producer and two consumer warpgroups under triton 3.6 on sm_90) hung on the H200 at every tile
-tried (ln_gemm_variants.txt) and are left out.
+tried (ln_gemm_variants.txt) and are left out; so does a plain matmul built so (perf/matmul_ws_check.py).
 
     python -m perf.ln_gemm_variants [rounds] [name ...]    (CUDA machine; names pick contenders)
 """
