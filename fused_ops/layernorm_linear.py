@@ -629,7 +629,7 @@ class GemmConfig:
 # H200 (perf/ln_fp32_tf32x3.py, ln_fp32_tf32x3.txt; K split by gemm_split) 64 x 128 x 32 at 4 warps took
 # 102-109 us at 17-64 rows and 128 x 128 x 32 at 8 warps 141-142 at 96-128, 267 at 256 and 1039 at 1024,
 # the fastest of five tiles. On sm_100 and sm_120, which no run here reaches, the tiles are the
-# fastest sm_90 tiles that compile there without spills (offline_builds; the 4-warp 64-row tile
+# fastest sm_90 tiles that compile there without spills (offline_builds; 64 x 128 x 32 at 4 warps
 # spills on both, 128 x 128 x 32 on sm_120).
 GEMM_FP32 = {"sm_90": ((64, GemmConfig(64, 128, 32, 8, 4, 3)), (None, GemmConfig(128, 128, 32, 8, 8, 4))),
              "sm_100": ((64, GemmConfig(64, 128, 16, 8, 4, 4)), (None, GemmConfig(128, 128, 32, 8, 8, 4))),
