@@ -141,6 +141,18 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+def gemm_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot input precision of the wide gemms (layernorm_linear's, moe_experts'): float32 takes one
+    tf32 product where torch allows tf32 (SPEC: Dtypes), else three (tf32x3: a = a_hi + a_lo, float32's
+    accuracy on the tensor cores; perf/ln_fp32_tf32x3.py, perf/moe_fp32_tf32x3.py) where the GPU has
+    tf32, else the FMA units; the setting does not affect 16-bit operands."""
+    if dtype != torch.float32:
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: float32 gets tf32 only where torch would use it (SPEC: Dtypes);
     the setting does not affect 16-bit operands."""

@@ -40,7 +40,7 @@ Kernels
     W @ beta + bias, exactly LayerNorm's answer.
   - float32 (fp32 tolerance): the pivot path; the row statistics come from the x tiles it loads,
     shifted and scaled in registers, for the dot (tiles by family and M, GEMM_FP32). The dot takes
-    three tf32 products on the tensor cores (fp32_precision: a = a_hi + a_lo, a_hi b_hi + a_hi b_lo
+    three tf32 products on the tensor cores (gemm_precision: a = a_hi + a_lo, a_hi b_hi + a_hi b_lo
     + a_lo b_hi), whose error against float64 measured below the FMA units' (perf/ln_fp32_tf32x3.py),
     or one where torch allows tf32. K is split by the same rule; each slice's row sums go beside
     its part, and the rows kernel's finish adds them. Up to 16 rows, where the gemm is bound by its
@@ -62,9 +62,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
 from .launch_plans import LaunchPlans, current_stream, plans_apply, same_stamp, version_stamp
-from ._runtime import (INTERPRET, TMA_FAMILIES, dot_precision, dot_upcast, max_registers, max_shared_memory, pow2,
-                       prefer_all_shared, rows, skips_dispatcher, sm_count, sm_shared_memory, sm_threads, tma_ok,
-                       use_triton)
+from ._runtime import (INTERPRET, TMA_FAMILIES, dot_precision, dot_upcast, gemm_precision, max_registers,
+                       max_shared_memory, pow2, prefer_all_shared, rows, skips_dispatcher, sm_count, sm_shared_memory,
+                       sm_threads, tma_ok, use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
 FEW_ROWS_MAX_M = 16      # float32 at wide N: up to this many rows take the few-rows kernel, more the gemm
@@ -641,14 +641,6 @@ def gemm_fp32_config(M: int, family: str) -> GemmConfig:
     return next(cfg for most, cfg in GEMM_FP32.get(family, GEMM_FP32["sm_90"]) if most is None or M <= most)
 
 
-def fp32_precision(device: torch.device) -> str:
-    """The float32 gemm's tl.dot input precision: tf32 where torch allows it (SPEC: Dtypes), else
-    tf32x3 (float32's accuracy from three tf32 products) where the GPU has tf32, else the FMA units."""
-    if torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "tf32x3" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
-
-
 # the few-rows kernel's (BLOCK_N, BLOCK_K, warps) by rows (a power of two): the fastest of 2-3 tilings at
 # each on the H100 (ln_fp32_few.txt), except at 16 rows, where 16 x 64 (74-78 against 79-82 us) spills on
 # sm_120 under triton 3.6; 32-64 registers of products a thread. From 17 rows the gemm is faster (H200:
@@ -740,9 +732,10 @@ def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[i
 
 
 def _plan_key(x: torch.Tensor, N: int, params: tuple, eps: float) -> tuple:
-    """What a launch plan of either path depends on besides its parameters' stamps (launch_plans.py)."""
+    """What a launch plan of either path depends on besides its parameters' stamps (launch_plans.py),
+    torch's tf32 setting included (float32's dot precision)."""
     return (x.device.index, current_stream(x.device), tuning.generation(), *x.shape, N, x.stride(0), x.dtype,
-            x.data_ptr() % 16, *map(id, params), eps)
+            x.data_ptr() % 16, *map(id, params), eps, torch.backends.cuda.matmul.allow_tf32)
 
 
 def split_parts(slices: int, M: int, N: int, device: torch.device) -> tuple:
@@ -1040,7 +1033,7 @@ def launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, slices: int = 1, k_
     # an absent gamma's pointer (never read) is the weight's: a plan must keep no call's tensor
     args = (x, g if g is not None else w, w, sums, y, acc_part, stat_part, M, N, K, k_chunk or K, x.stride(0),
             w.stride(0), y.stride(0), eps)
-    kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, PRECISION=fp32_precision(x.device),
+    kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, PRECISION=gemm_precision(x.dtype, x.device),
                   SPLIT=slices > 1, **gemm_constexprs(cfg), num_warps=cfg.num_warps)
     return layernorm_linear_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs
 

@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
-from ._runtime import TL_DTYPE, TMA_FAMILIES, dot_precision, dot_upcast, skips_dispatcher, tma_ok, use_triton
+from ._runtime import TL_DTYPE, TMA_FAMILIES, dot_upcast, gemm_precision, skips_dispatcher, tma_ok, use_triton
 from .moe_align import launch_moe_align
 
 ATOMIC_ENV = "FUSED_OPS_MOE_ATOMIC"
@@ -288,8 +288,9 @@ def pick_config(n_pairs: int, n_experts: int, device: torch.device) -> MoeConfig
 
 
 def _for_dtype(g: GemmConfig, dtype: torch.dtype) -> GemmConfig:
-    """float32 dots (without tf32) run on FMA units, which hold both operand tiles in registers:
-    one small tile shape for all of them (the one ptxas compiles without spills on every target)."""
+    """float32 (tf32x3 dots, gemm_precision) takes one small tile shape for all GEMMs, chosen when its
+    dots ran on the FMA units as the one ptxas compiled there without spills on every target, and
+    untuned since (offline_builds holds it to the same)."""
     if dtype.itemsize <= 2:
         return g
     return replace(g, block_k=32, block_n=32, num_warps=8, num_stages=3)
@@ -322,7 +323,7 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
     g1, g2 = _for_dtype(cfg.gemm1, x.dtype), _for_dtype(cfg.gemm2, x.dtype)
     pairs, tile_bucket = launch_moe_align(indices, E, cfg.block_m)
     n_tiles = tile_bucket.numel()
-    common = dict(SWAP_AB=cfg.swap_ab, DOT_F32=dot_upcast(x), PRECISION=dot_precision(x.dtype),
+    common = dict(SWAP_AB=cfg.swap_ab, DOT_F32=dot_upcast(x), PRECISION=gemm_precision(x.dtype, x.device),
                   BLOCK_M=cfg.block_m)
 
     h = torch.empty((n_pairs, H), dtype=x.dtype, device=x.device)
@@ -371,8 +372,9 @@ def shipped_configs() -> list:
 
 
 def offline_builds():
-    """Every shipped GEMM config at the reference shape (bf16 on tensor cores, plus its odd-K
-    variant; float32 as launched without tf32), the combine and the routing kernels."""
+    """Every shipped GEMM config at the reference shape (bf16, plus its odd-K variant; float32 as
+    launched without tf32: tf32x3, whose 32-wide tiles take mma.sync where a wgmma needs 64 rows, so
+    the family's instruction is not asked of them), the combine and the routing kernels."""
     from . import moe_align
     from .offline import KernelBuild
     K, H, N = 8320, 4096, 1536                   # FuseMoE's shape: sizes and strides divisible by 16
@@ -385,8 +387,8 @@ def offline_builds():
         types.update({"pairs_ptr": "*i32", "tile_bucket_ptr": "*i32", "rw_ptr": "*fp32"})
         types.update({name: "i32" for name in ("n_pairs", "top_k", "n_experts", "n_tiles", "M", "stride_rm",
                                                *divisible)})
-        common = dict(HAS_BIAS=True, DOT_F32=False, PRECISION=dot_precision(dtype), stride_xk=1, stride_wk=1,
-                      stride_bh=1, stride_bn=1, stride_rj=1)
+        common = dict(HAS_BIAS=True, DOT_F32=False, PRECISION="tf32x3" if dt == "fp32" else "ieee", stride_xk=1,
+                      stride_wk=1, stride_bh=1, stride_bn=1, stride_rj=1)
         for label, cfg, targets in configs:
             gemms = (("gemm1", moe_gemm1_kernel, cfg.gemm1, K, {"ACTIVATION": "gelu_tanh"}),
                      ("gemm2", moe_gemm2_kernel, cfg.gemm2, H, {"ATOMIC": False}))

@@ -32,12 +32,12 @@ def fma_tile(M: int):
 @contextlib.contextmanager
 def precision(name: str):
     """The float32 gemm's tl.dot input precision forced to `name`."""
-    saved = LN.fp32_precision
-    LN.fp32_precision = lambda device: name
+    saved = LN.gemm_precision
+    LN.gemm_precision = lambda dtype, device: name
     try:
         yield
     finally:
-        LN.fp32_precision = saved
+        LN.gemm_precision = saved
 
 
 def main(rows) -> None:

@@ -326,13 +326,26 @@ def test_tf32_only_when_allowed():
     then one (~1e-3). The float32 tolerance, 1e-5, fails a single tf32 product here."""
     x, g, b, w, bias = _inputs((300, 1023), 1000, torch.float32)
     ref = _oracle(x, g, b, w, bias)
-    assert LN.fp32_precision(x.device) == "tf32x3"
+    assert LN.gemm_precision(torch.float32, x.device) == "tf32x3"
     assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), ref, torch.float32)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        assert LN.fp32_precision(x.device) == "tf32"
+        assert LN.gemm_precision(torch.float32, x.device) == "tf32"
         assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), ref, torch.float32,
                      table={torch.float32: 1e-3})
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.skipif(not ON_GPU, reason="tf32 is a GPU mode")
+def test_tf32_setting_reaches_a_repeated_call():
+    """A launch plan recorded with tf32 allowed is not replayed once it is not: float32 accuracy."""
+    x, g, b, w, bias = _inputs((300, 1023), 1000, torch.float32)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        fused_ops.layernorm_linear(x, g, b, w, bias)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_close(fused_ops.layernorm_linear(x, g, b, w, bias), _oracle(x, g, b, w, bias), torch.float32)
