@@ -22,48 +22,51 @@ M, K, N = 8192, 8320, 4096
 
 
 @triton.jit
+def tile_start(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(first row, first column) of output tile `tile` in grouped order."""
+    n_m = tl.cdiv(M, BLOCK_M)
+    in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // in_group) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    return (first_m + (tile % in_group) % group_m) * BLOCK_M, ((tile % in_group) // group_m) * BLOCK_N
+
+
+@triton.jit
+def store(c_ptr, rm, rn, M, N, acc):
+    """acc as bf16 into c [M, N] at (rm, rn), through pointers (a descriptor store fails the
+    warp-specialisation pass)."""
+    r = rm + tl.arange(0, acc.shape[0])
+    c = rn + tl.arange(0, acc.shape[1])
+    tl.store(c_ptr + r[:, None] * N + c[None, :], acc.to(tl.bfloat16), mask=(r < M)[:, None] & (c < N)[None, :])
+
+
+@triton.jit
 def persistent_kernel(a_desc, b_desc, c_ptr, M, N, K, PROGRAMS: tl.constexpr, WS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                       STAGES: tl.constexpr):
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * n_n
     k_steps = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), n_m * n_n, PROGRAMS, flatten=False, warp_specialize=WS):
-        first_m = (tile // in_group) * GROUP_M
-        group_m = tl.minimum(n_m - first_m, GROUP_M)
-        rm = (first_m + (tile % in_group) % group_m) * BLOCK_M
-        rn = ((tile % in_group) // group_m) * BLOCK_N
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), PROGRAMS, flatten=False,
+                         warp_specialize=WS):
+        rm, rn = tile_start(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for ki in tl.range(k_steps, num_stages=STAGES):
             a = a_desc.load([rm, ki * BLOCK_K])
             b = b_desc.load([rn, ki * BLOCK_K])
             acc = tl.dot(a, b.T, acc)
-        r = rm + tl.arange(0, BLOCK_M)
-        c = rn + tl.arange(0, BLOCK_N)
-        tl.store(c_ptr + r[:, None] * N + c[None, :], acc.to(tl.bfloat16), mask=(r < M)[:, None] & (c < N)[None, :])
+        store(c_ptr, rm, rn, M, N, acc)
 
 
 @triton.jit
 def tile_kernel(a_desc, b_desc, c_ptr, M, N, K, WS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 STAGES: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * n_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = tl.minimum(n_m - first_m, GROUP_M)
-    rm = (first_m + (pid % in_group) % group_m) * BLOCK_M
-    rn = ((pid % in_group) // group_m) * BLOCK_N
+    rm, rn = tile_start(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for ki in tl.range(tl.cdiv(K, BLOCK_K), num_stages=STAGES, warp_specialize=WS):
         a = a_desc.load([rm, ki * BLOCK_K])
         b = b_desc.load([rn, ki * BLOCK_K])
         acc = tl.dot(a, b.T, acc)
-    r = rm + tl.arange(0, BLOCK_M)
-    c = rn + tl.arange(0, BLOCK_N)
-    tl.store(c_ptr + r[:, None] * N + c[None, :], acc.to(tl.bfloat16), mask=(r < M)[:, None] & (c < N)[None, :])
+    store(c_ptr, rm, rn, M, N, acc)
 
 
 # name: (persistent, ws, BM, BN, BK, GROUP_M, warps, stages)
