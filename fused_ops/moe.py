@@ -215,7 +215,7 @@ def moe_combine_kernel(o_ptr, y_ptr, M, N, top_k, BLOCK_M: tl.constexpr, BLOCK_N
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemmConfig:
-    """One GEMM's tiling for 2-byte inputs (float32 takes one FMA tile shape, see _for_dtype)."""
+    """One GEMM's tiling for 2-byte inputs (float32 takes its family's tile, see _for_dtype)."""
     block_n: int          # output columns per program (H for the first GEMM, N for the second)
     block_k: int          # contraction step
     group_m: int          # tiles that sweep the column blocks together (L2 reuse)
@@ -287,13 +287,20 @@ def pick_config(n_pairs: int, n_experts: int, device: torch.device) -> MoeConfig
     return tuning.config_for("moe_experts", bucket, fallback_config, config_from_json)
 
 
-def _for_dtype(g: GemmConfig, dtype: torch.dtype) -> GemmConfig:
-    """float32 (tf32x3 dots, gemm_precision) takes one small tile shape for all GEMMs, chosen when its
-    dots ran on the FMA units as the one ptxas compiled there without spills on every target, and
-    untuned since (offline_builds holds it to the same)."""
+# float32's (block_n, block_k) by family (tf32x3 dots, gemm_precision; 8 warps, 3 stages): on the H100
+# 128 x 32 took 0.54 and 9.1 ms at 32 and 2048 tokens, 64 x 32 0.88 and 10.6, the 32 x 32 tile kept
+# from the FMA dots 2.2 and 11.4 (perf/moe_fp32_tf32x3.py). 128-wide spills at the widest block_m on
+# sm_120, so it and other families take 64 x 32 (offline_builds).
+FP32_TILES = {"sm_90": (128, 32), "sm_100": (128, 32)}
+FP32_TILE = (64, 32)
+
+
+def _for_dtype(g: GemmConfig, dtype: torch.dtype, family: str) -> GemmConfig:
+    """The GEMM's tiling for dtype on a family: float32 replaces the 2-byte one's (FP32_TILES)."""
     if dtype.itemsize <= 2:
         return g
-    return replace(g, block_k=32, block_n=32, num_warps=8, num_stages=3)
+    block_n, block_k = FP32_TILES.get(family, FP32_TILE)
+    return replace(g, block_k=block_k, block_n=block_n, num_warps=8, num_stages=3)
 
 
 def _tile_constexprs(g: GemmConfig, k_dim: int) -> dict:
@@ -320,7 +327,8 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
     if atomic is None:
         atomic = os.environ.get(ATOMIC_ENV, "0") == "1"
     cfg = config or pick_config(n_pairs, E, x.device)
-    g1, g2 = _for_dtype(cfg.gemm1, x.dtype), _for_dtype(cfg.gemm2, x.dtype)
+    family = tuning.device_family(x.device)
+    g1, g2 = _for_dtype(cfg.gemm1, x.dtype, family), _for_dtype(cfg.gemm2, x.dtype, family)
     pairs, tile_bucket = launch_moe_align(indices, E, cfg.block_m)
     n_tiles = tile_bucket.numel()
     common = dict(SWAP_AB=cfg.swap_ab, DOT_F32=dot_upcast(x), PRECISION=gemm_precision(x.dtype, x.device),
@@ -373,8 +381,9 @@ def shipped_configs() -> list:
 
 def offline_builds():
     """Every shipped GEMM config at the reference shape (bf16, plus its odd-K variant; float32 as
-    launched without tf32: tf32x3, whose 32-wide tiles take mma.sync where a wgmma needs 64 rows, so
-    the family's instruction is not asked of them), the combine and the routing kernels."""
+    launched without tf32: tf32x3 at each family's tile, which takes mma.sync where a swapped dot has
+    fewer than the 64 rows a wgmma needs, so the family's instruction is not asked of it), the combine
+    and the routing kernels."""
     from . import moe_align
     from .offline import KernelBuild
     K, H, N = 8320, 4096, 1536                   # FuseMoE's shape: sizes and strides divisible by 16
@@ -389,12 +398,15 @@ def offline_builds():
                                                *divisible)})
         common = dict(HAS_BIAS=True, DOT_F32=False, PRECISION="tf32x3" if dt == "fp32" else "ieee", stride_xk=1,
                       stride_wk=1, stride_bh=1, stride_bn=1, stride_rj=1)
-        for label, cfg, targets in configs:
+        # float32's tile is its family's (_for_dtype): one build per target
+        for label, cfg, targets in (configs if dt == "bf16" else
+                                    [(f"{label}_sm{cc}", cfg, (cc,)) for label, cfg, targets in configs
+                                     for cc in targets]):
             gemms = (("gemm1", moe_gemm1_kernel, cfg.gemm1, K, {"ACTIVATION": "gelu_tanh"}),
                      ("gemm2", moe_gemm2_kernel, cfg.gemm2, H, {"ATOMIC": False}))
             tma_targets = tuple(cc for cc in targets if cc // 10 in TMA_FAMILIES) if dt == "bf16" else ()
             for name, kernel, g, k_dim, flags in gemms:
-                g = _for_dtype(g, dtype)
+                g = _for_dtype(g, dtype, tuning.family_of(targets[0] // 10))
                 # pointers everywhere (the fallback of odd strides); descriptors where launches take them
                 variants = [(odd, False, targets) for odd in ((False, True) if dt == "bf16" else (False,))]
                 variants += [(odd, True, tma_targets) for odd in (False, True) if tma_targets]

@@ -1,13 +1,15 @@
 """moe_experts in float32 at FuseMoE's shape (K 8320, H 4096, N 1536, E 8, top-4, gelu_tanh; tf32 not
-allowed): its GEMMs' dots as three tf32 products on the tensor cores ("tf32x3", shipped) and on the FMA
-units ("ieee", shipped before), against the per-expert torch loop (F.linear in float32). Each path's
-max error against a float64 reference, of the largest output. do_bench milliseconds (the loop syncs
-on the host, so no CUDA graphs).
+allowed): its GEMMs' dots as three tf32 products on the tensor cores ("tf32x3", shipped) at the
+family's float32 tile (moe.FP32_TILES) and at others (each GEMM's block_n x block_k; 8 warps, 3
+stages), and on the FMA units at the 32 x 32 tile ("ieee", shipped before), against the per-expert
+torch loop (F.linear in float32). Each path's max error against a float64 reference, of the largest
+output. do_bench microseconds (the loop syncs on the host, so no CUDA graphs).
 
     python -m perf.moe_fp32_tf32x3 [M ...]        (CUDA machine)
 """
 import importlib
 import sys
+from dataclasses import replace
 
 import torch
 import triton
@@ -17,6 +19,14 @@ import fused_ops
 from perf.bench_moe import E, H, K, N, _routing, torch_loop
 
 MOE = importlib.import_module("fused_ops.moe")
+TILES = ((32, 32), (64, 32), (128, 32))     # (block_n, block_k); 32 x 32: the tile kept from the FMA dots
+
+
+def tiled(block_n: int, block_k: int):
+    """moe._for_dtype with float32's tile replaced."""
+    def for_dtype(g, dtype, family):
+        return g if dtype.itemsize <= 2 else replace(g, block_n=block_n, block_k=block_k, num_warps=8, num_stages=3)
+    return for_dtype
 
 
 def main(rows) -> None:
@@ -28,7 +38,10 @@ def main(rows) -> None:
     b1 = torch.randn(E, H, device="cuda", generator=g) * 0.1
     w2 = torch.randn(E, N, H, device="cuda", generator=g) * H ** -0.5
     b2 = torch.randn(E, N, device="cuda", generator=g) * 0.1
-    shipped = MOE.gemm_precision
+    shipped, shipped_tile = MOE.gemm_precision, MOE._for_dtype
+    fma = lambda dtype, device: "ieee"  # noqa: E731
+    contenders = [("tf32x3 (shipped)", shipped, shipped_tile), ("ieee (FMA) n32k32", fma, tiled(32, 32))]
+    contenders += [(f"tf32x3 n{n}k{k}", shipped, tiled(n, k)) for n, k in TILES]
     for M in rows:
         x = torch.randn(M, K, device="cuda", generator=g)
         weights, indices = _routing(M, g)
@@ -36,16 +49,16 @@ def main(rows) -> None:
                                                w2.double(), b2.double(), activation="gelu_tanh")
         err = lambda y: ((y.double() - want).abs().max() / want.abs().max()).item()  # noqa: E731
         line = []
-        for label, precision in (("tf32x3 (shipped)", shipped), ("ieee (FMA)", lambda dtype, device: "ieee")):
-            MOE.gemm_precision = precision
+        for label, precision, tile in contenders:
+            MOE.gemm_precision, MOE._for_dtype = precision, tile
             try:
                 run = lambda: fused_ops.moe_experts(x, weights, indices, w1, b1, w2, b2)  # noqa: E731
                 line.append(f"moe {label} {do_bench(run, rep=200) * 1e3:.0f} (err {err(run()):.1e})")
             finally:
-                MOE.gemm_precision = shipped
+                MOE.gemm_precision, MOE._for_dtype = shipped, shipped_tile
         run = lambda: torch_loop(x, weights, indices, w1, b1, w2, b2)  # noqa: E731
         line.append(f"torch loop {do_bench(run, rep=200) * 1e3:.0f} (err {err(run()):.1e})")
-        print(f"M {M}: " + "; ".join(line), flush=True)
+        print(f"M {M}:\n  " + "\n  ".join(line), flush=True)
 
 
 if __name__ == "__main__":
