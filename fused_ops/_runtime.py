@@ -146,11 +146,10 @@ def gemm_precision(dtype: torch.dtype, device: torch.device) -> str:
     tf32 product where torch allows tf32 (SPEC: Dtypes), else three (tf32x3: a = a_hi + a_lo, float32's
     accuracy on the tensor cores; perf/ln_fp32_tf32x3.py, perf/moe_fp32_tf32x3.py) where the GPU has
     tf32, else the FMA units; the setting does not affect 16-bit operands."""
-    if dtype != torch.float32:
-        return "ieee"
-    if torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "tf32x3" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
+    one = dot_precision(dtype)
+    if one == "ieee" and dtype == torch.float32 and device.type == "cuda":
+        return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
+    return one
 
 
 def dot_precision(dtype: torch.dtype) -> str:

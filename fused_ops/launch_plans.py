@@ -79,7 +79,8 @@ class Plan:
 
 
 class LaunchPlans:
-    """Plans of one @triton.jit kernel, by the caller's key."""
+    """Plans of one @triton.jit kernel, by the caller's key and torch's tf32 setting (float32 dots
+    read it: a plan recorded under one setting is not replayed under the other)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -88,7 +89,7 @@ class LaunchPlans:
 
     def find(self, key, params) -> Optional[Plan]:
         """The plan of `key` if its parameters are still the same tensors, version and storage."""
-        plan = self._plans.get(key)
+        plan = self._plans.get((key, torch.backends.cuda.matmul.allow_tf32))
         return plan if plan is not None and same_stamp(plan.stamp, params) else None
 
     def record(self, key, params, compiled, grid, args: tuple, kwargs: dict, slots: tuple, extra: tuple = ()) -> None:
@@ -103,7 +104,7 @@ class LaunchPlans:
         plan = Plan(stamp, compiled, tuple(grid) + (1,) * (3 - len(grid)), [by_name[n] for n in names],
                     tuple(names.index(s) for s in slots), extra)
         with self._lock:
-            self._plans[key] = plan
+            self._plans[key, torch.backends.cuda.matmul.allow_tf32] = plan
             while len(self._plans) > MAX_PLANS:
                 self._plans.popitem(last=False)
 

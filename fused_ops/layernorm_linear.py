@@ -732,10 +732,9 @@ def _k_split(blocks: int, K: int, block_k: int, device: torch.device) -> tuple[i
 
 
 def _plan_key(x: torch.Tensor, N: int, params: tuple, eps: float) -> tuple:
-    """What a launch plan of either path depends on besides its parameters' stamps (launch_plans.py),
-    torch's tf32 setting included (float32's dot precision)."""
+    """What a launch plan of either path depends on besides its parameters' stamps (launch_plans.py)."""
     return (x.device.index, current_stream(x.device), tuning.generation(), *x.shape, N, x.stride(0), x.dtype,
-            x.data_ptr() % 16, *map(id, params), eps, torch.backends.cuda.matmul.allow_tf32)
+            x.data_ptr() % 16, *map(id, params), eps)
 
 
 def split_parts(slices: int, M: int, N: int, device: torch.device) -> tuple:

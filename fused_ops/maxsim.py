@@ -507,7 +507,7 @@ def _plan_key(D, pointers, has_span, has_q_len, packed, reduction, k) -> tuple:
     follows from them; D's own, as an empty D passes Q's pointer) and the pointers' 16-byte alignment."""
     Q, _, span, q_len = pointers
     return (torch.cuda.current_device(), Q.device.index, current_stream(Q.device), tuning.generation(), has_span,
-            has_q_len, packed, reduction, k, Q.dtype, torch.backends.cuda.matmul.allow_tf32, tuple(Q.shape),
+            has_q_len, packed, reduction, k, Q.dtype, tuple(Q.shape),
             Q.stride(), tuple(D.shape), D.stride(), tuple(span.shape), span.dtype, q_len.dtype,
             *(t.data_ptr() % 16 for t in pointers))
 

@@ -521,7 +521,7 @@ def launch_fused_router(x, ln_weight, ln_bias, gate_weight, gate_bias, k, temper
         call = (k, temperature, alpha, eps, renormalize, gating)
         if config is None and plans_apply(x.device):
             key = (x.device.index, current_stream(x.device), tuning.generation(), *x2.shape, x2.stride(0), x2.dtype,
-                   x2.data_ptr() % 16, *map(id, params), *call, torch.backends.cuda.matmul.allow_tf32)
+                   x2.data_ptr() % 16, *map(id, params), *call)
             plan = _PLANS.find(key, params)
             if plan is not None:
                 plan.launch(x2, weights, indices)
