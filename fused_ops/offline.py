@@ -7,6 +7,7 @@ Each op module lists the builds its launcher can choose in `offline_builds()`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -172,18 +173,46 @@ def dtype_name(dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
-def report_all(targets=TARGETS) -> list[BuildReport]:
-    """Compile every build for every target it ships on; a compile failure becomes a report note."""
-    reports = []
-    for build in all_builds():
-        for cc in targets:
-            if cc not in build.targets:
-                continue
-            try:
-                reports.append(compile_build(build, cc))
-            except Exception as exc:            # any failure (not only OutOfResources) is a finding
-                reports.append(BuildReport(build.name, cc, -1, -1, -1, -1, "", [f"{type(exc).__name__}: {exc}"]))
-    return reports
+def _report(build: KernelBuild, cc: int) -> BuildReport:
+    """The build's report on one target; a compile failure (any, not only OutOfResources) becomes its note."""
+    try:
+        return compile_build(build, cc)
+    except Exception as exc:
+        return BuildReport(build.name, cc, -1, -1, -1, -1, "", [f"{type(exc).__name__}: {exc}"])
+
+
+_WORKER_BUILDS: list = []
+
+
+def _worker_start() -> None:
+    _WORKER_BUILDS.extend(all_builds())
+
+
+def _worker_report(job: tuple[int, int]) -> BuildReport:
+    index, cc = job
+    return _report(_WORKER_BUILDS[index], cc)
+
+
+def report_all(targets=TARGETS, workers: int = 0) -> list[BuildReport]:
+    """Every build compiled for every target it ships on, in that order. Compiles run in `workers`
+    processes (0: one per CPU this process may use), each of which lists the builds itself (the
+    kernels are not picklable); ptxas and Triton's passes are single-threaded, so the processes
+    divide the time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+    builds = all_builds()
+    jobs = [(index, cc) for index, build in enumerate(builds) for cc in targets if cc in build.targets]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(workers or usable, len(jobs))
+    # a progress bar where stderr is a terminal (disable=None), none in the tests' subprocess
+    bar = functools.partial(tqdm, total=len(jobs), desc=f"compiling ({workers} processes)", disable=None)
+    if workers <= 1:
+        return [_report(builds[index], cc) for index, cc in bar(jobs)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_start) as pool:
+        return list(bar(pool.map(_worker_report, jobs)))
 
 
 def main() -> None:
