@@ -62,7 +62,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
 from .launch_plans import LaunchPlans, current_stream, plans_apply, same_stamp, version_stamp
-from ._runtime import (INTERPRET, TMA_FAMILIES, dot_precision, dot_upcast, gemm_precision, max_registers,
+from ._runtime import (FP_FUSION, INTERPRET, TMA_FAMILIES, dot_precision, dot_upcast, gemm_precision, max_registers,
                        max_shared_memory, pow2, prefer_all_shared, rows, skips_dispatcher, sm_count, sm_shared_memory,
                        sm_threads, tma_ok, use_triton)
 
@@ -778,7 +778,7 @@ def _launch_rows(x, ln_weight, ln_bias, weight, bias, y, eps):
             M, N, K, k_chunk, x.stride(0), w.stride(0), y.stride(0), eps)
     kwargs = dict(HAS_GAMMA=g is not None, HAS_BETA=b is not None, HAS_BIAS=bias is not None, SPLIT=slices > 1,
                   DOT_UPCAST=dot_upcast(x), PRECISION=dot_precision(x.dtype), **cfg)
-    compiled = layernorm_linear_rows_kernel[grid](*args, **kwargs)
+    compiled = layernorm_linear_rows_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION)
     if planned:
         _ROWS_PLANS.record(key, params, compiled, grid, args, kwargs, extra=slices,
                            slots=("x_ptr", "y_ptr", "acc_part_ptr", "stat_part_ptr", "col_part_ptr"))
@@ -799,7 +799,7 @@ def launch_finish(acc_part, stat_part, col_part, bias, y, K, eps, has_bias=False
     args = (acc_part, stat_part, col_part, bias, y, M, N, K, acc_part.shape[0], y.stride(0), eps)
     kwargs = dict(HAS_BIAS=has_bias, COL_PARTS=col_part.dim() == 3, BLOCK_M=block_m, BLOCK_N=block_n,
                   num_warps=4)
-    return layernorm_linear_finish_kernel[grid](*args, **kwargs), grid, args, kwargs
+    return layernorm_linear_finish_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION), grid, args, kwargs
 
 
 # weight -> (stamp of (weight, ln_weight, ln_bias, bias), [2, N] fp32 sums, folded weight or None);
@@ -829,7 +829,7 @@ def weight_sums(weight, ln_weight, ln_bias, bias) -> tuple[torch.Tensor, Optiona
     weight_sums_kernel[(triton.cdiv(N, block_n),)](
         w, g if g is not None else w, b if b is not None else w, bias if bias is not None else w, sums,
         folded if fold else sums, N, K, w.stride(0), HAS_GAMMA=g is not None, HAS_BETA=b is not None,
-        HAS_BIAS=bias is not None, FOLD=fold, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        HAS_BIAS=bias is not None, FOLD=fold, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=FP_FUSION)
     stamp = version_stamp(key)
     if stamp is not None:
         _WEIGHT_SUMS[weight] = (stamp, sums, folded)
@@ -849,7 +849,7 @@ def launch_row_stats(x: torch.Tensor, stats: torch.Tensor, eps: float, counts: O
     int32 a row block of count_block rows, zeroed) the pass beside the gemm: one program an SM.
     Returns the launch as LaunchPlans.record takes it: (compiled kernel, grid, args, kwargs)."""
     grid, args, kwargs = row_stats_args(x, stats, eps, counts, count_block)
-    return row_stats_kernel[grid](*args, **kwargs), grid, args, kwargs
+    return row_stats_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION), grid, args, kwargs
 
 
 def row_stats_args(x, stats, eps, counts=None, count_block=0) -> tuple:
@@ -888,7 +888,8 @@ def launch_folded_gemm(x, folded, stats, sums, y, cfg: GemmConfig, slices: int =
     launch_split_finish writes y). Returns (compiled kernel, grid, args, kwargs, x's descriptor block
     or None)."""
     grid, args, kwargs, x_block = folded_gemm_args(x, folded, stats, sums, y, cfg, slices, k_chunk, part, counts)
-    return layernorm_linear_folded_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs, x_block
+    compiled = layernorm_linear_folded_gemm_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION)
+    return compiled, grid, args, kwargs, x_block
 
 
 def folded_gemm_args(x, folded, stats, sums, y, cfg: GemmConfig, slices=1, k_chunk=0, part=None,
@@ -974,7 +975,7 @@ def launch_split_finish(x, part, sums, y, eps) -> tuple:
     args = (x, part, sums, y, M, N, K, part.shape[0], x.stride(0), y.stride(0), eps)
     kwargs = dict(BLOCK_M=STATS_BLOCK_M, BLOCK_N=FINISH_BLOCK_N, BLOCK_K=min(STATS_BLOCK_K, pow2(K)),
                   STAGES=STATS_STAGES, num_warps=FINISH_WARPS)
-    return folded_split_finish_kernel[grid](*args, **kwargs), grid, args, kwargs
+    return folded_split_finish_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION), grid, args, kwargs
 
 
 def _launch_gemm(x, ln_weight, ln_bias, weight, bias, y, eps, config: Optional[GemmConfig] = None,
@@ -1034,7 +1035,7 @@ def launch_fp32_gemm(x, g, w, sums, y, eps, cfg: GemmConfig, slices: int = 1, k_
             w.stride(0), y.stride(0), eps)
     kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg.block_k == 0, PRECISION=gemm_precision(x.dtype, x.device),
                   SPLIT=slices > 1, **gemm_constexprs(cfg), num_warps=cfg.num_warps)
-    return layernorm_linear_gemm_kernel[grid](*args, **kwargs), grid, args, kwargs
+    return layernorm_linear_gemm_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION), grid, args, kwargs
 
 
 def launch_few_rows(x, g, w, parts: tuple, k_chunk: int) -> tuple:
@@ -1046,7 +1047,7 @@ def launch_few_rows(x, g, w, parts: tuple, k_chunk: int) -> tuple:
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), parts[0].shape[0])
     args = (x, g if g is not None else w, w, *parts, M, N, K, k_chunk, x.stride(0), w.stride(0))
     kwargs = dict(HAS_GAMMA=g is not None, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)
-    return layernorm_linear_few_rows_kernel[grid](*args, **kwargs), grid, args, kwargs
+    return layernorm_linear_few_rows_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION), grid, args, kwargs
 
 
 def few_rows_split(M: int, N: int, K: int, device_sms: int) -> tuple[int, int]:

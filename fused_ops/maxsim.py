@@ -67,7 +67,7 @@ import triton.language as tl
 
 from . import reference, tuning
 from .launch_plans import LaunchPlans, current_stream, plans_apply
-from ._runtime import TL_DTYPE, dot_precision, dot_upcast, pow2, skips_dispatcher, use_triton
+from ._runtime import FP_FUSION, TL_DTYPE, dot_precision, dot_upcast, pow2, skips_dispatcher, use_triton
 from .topk import NAN_KEY, ordered_key, top_k_mask
 
 MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, QPB_PAD] ownership tile)
@@ -488,7 +488,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
     if checks is not None:
         checks.verify()     # as late as this: the host work above overlapped the device's catching up
     if pointers is not None:
-        compiled = maxsim_kernel[grid](*args, **kwargs)
+        compiled = maxsim_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION)
         if key is not None:
             _PLANS.record(key, (), compiled, grid, args, kwargs, slots=PLAN_SLOTS,
                           extra=(out.shape, out.dtype, rows.n_splits))

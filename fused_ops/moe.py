@@ -38,7 +38,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
-from ._runtime import TL_DTYPE, TMA_FAMILIES, dot_upcast, gemm_precision, skips_dispatcher, tma_ok, use_triton
+from ._runtime import (FP_FUSION, TL_DTYPE, TMA_FAMILIES, dot_upcast, gemm_precision, skips_dispatcher, tma_ok,
+                       use_triton)
 from .moe_align import launch_moe_align
 
 ATOMIC_ENV = "FUSED_OPS_MOE_ATOMIC"
@@ -344,7 +345,7 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
         0 if b1 is None else b1.stride(0), 0 if b1 is None else b1.stride(1), h.stride(0),
         HAS_BIAS=b1 is not None, ACTIVATION=activation, TMA=tma, **_tile_constexprs(g1, K), **common,
-        num_warps=g1.num_warps, num_stages=g1.num_stages)
+        num_warps=g1.num_warps, num_stages=g1.num_stages, enable_fp_fusion=FP_FUSION)
 
     if atomic:
         out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
@@ -357,14 +358,14 @@ def launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation: str, *,
         0 if b2 is None else b2.stride(0), 0 if b2 is None else b2.stride(1),
         weights.stride(0), weights.stride(1), out.stride(0),
         HAS_BIAS=b2 is not None, ATOMIC=atomic, TMA=tma, **_tile_constexprs(g2, H), **common,
-        num_warps=g2.num_warps, num_stages=g2.num_stages)
+        num_warps=g2.num_warps, num_stages=g2.num_stages, enable_fp_fusion=FP_FUSION)
 
     if atomic:
         return out if x.dtype == torch.float32 else out.to(x.dtype)
     if top_k > 1:
         block_m, block_n = _combine_blocks(N)
         moe_combine_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-            out, y, M, N, top_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+            out, y, M, N, top_k, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, enable_fp_fusion=FP_FUSION)
     return y
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import pow2
+from ._runtime import FP_FUSION, pow2
 
 ONE_HOT_ELEMENTS = 4096          # [pairs, buckets] one-hot tile held per loop step
 SINGLE_PROGRAM_WORK = 1 << 16    # pairs x buckets handled by a single program (one launch)
@@ -149,12 +149,12 @@ def launch_moe_align(indices: torch.Tensor, n_experts: int, block_m: int, chunk:
     else:
         counts = torch.empty((n_chunks, block_b), dtype=torch.int32, device=dev)
         moe_count_kernel[(n_chunks,)](indices, counts, *args, chunk, SUB=sub, BLOCK_B=block_b,
-                                      num_warps=warps)
+                                      num_warps=warps, enable_fp_fusion=FP_FUSION)
         prefix = torch.cumsum(counts, dim=0, dtype=torch.int32)
     moe_scatter_kernel[(n_chunks,)](indices, prefix, pairs, tile_bucket, *args, chunk, n_chunks, n_tiles,
                                     triton.cdiv(n_tiles, n_chunks), BLOCK_M=block_m, SUB=sub,
                                     BLOCK_B=block_b, BLOCK_T=block_t, SINGLE=n_chunks == 1,
-                                    num_warps=warps)
+                                    num_warps=warps, enable_fp_fusion=FP_FUSION)
     return pairs, tile_bucket
 
 

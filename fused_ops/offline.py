@@ -15,6 +15,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ._runtime import FP_FUSION
 from .tuning import FAMILY_CC, SHARED_LIMIT as _FAMILY_SHARED
 
 SHARED_LIMIT = {cc: _FAMILY_SHARED[family] for family, cc in FAMILY_CC.items()}   # bytes per block
@@ -89,7 +90,7 @@ def _compile(build: KernelBuild, cc: int):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(build.kernel.arg_names)
              if signature[n].startswith("*") or n in build.divisible}
     src = ASTSource(build.kernel, signature, constexprs=dict(build.constexprs), attrs=attrs)
-    options = {"num_warps": build.num_warps, "num_stages": build.num_stages}
+    options = {"num_warps": build.num_warps, "num_stages": build.num_stages, "enable_fp_fusion": FP_FUSION}
     if build.max_registers:
         options["maxnreg"] = build.max_registers
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
@@ -121,7 +122,8 @@ def compile_build(build: KernelBuild, cc: int) -> BuildReport:
     loop_spills = 0
     if usage.get("STACK", 0) or usage.get("LOCAL", 0):
         code = _sass(compiled.asm["cubin"])
-        loop_spills = sum(op in ("STL", "LDL") for start, end in _loops(code) for at, op, _ in code if start <= at <= end)
+        loop_spills = sum(op in ("STL", "LDL") for start, end in _loops(code)
+                          for at, op, _ in code if start <= at <= end)
     return BuildReport(build.name, cc, shared=compiled.metadata.shared, registers=usage.get("REG", 0),
                        stack=usage.get("STACK", 0), local=usage.get("LOCAL", 0), dot_instruction=instruction,
                        loop_spills=loop_spills, slot_races=shared_slot_races(compiled.asm["ttgir"]))

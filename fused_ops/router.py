@@ -55,7 +55,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import reference, tuning
-from ._runtime import dot_precision, dot_upcast, pow2, rows, skips_dispatcher, sm_count, use_triton
+from ._runtime import FP_FUSION, dot_precision, dot_upcast, pow2, rows, skips_dispatcher, sm_count, use_triton
 from .launch_plans import LaunchPlans, current_stream, plans_apply, same_stamp, version_stamp
 from .layernorm_linear import (contiguous_vector, divisible_args, dot_nt, ln_dot_sums, ln_project,
                                ln_stats, load_affine, load_k, prev_pow2, row_pivot, row_starts, rows_config,
@@ -322,7 +322,7 @@ def gate_sums(gate_weight, ln_weight, ln_bias) -> tuple[torch.Tensor, Optional[t
     gate_sums_kernel[(triton.cdiv(E, block_e),)](
         w, g if g is not None else w, b if b is not None else w, sums, op if split else w, E, K, w.stride(0),
         HAS_GAMMA=g is not None, HAS_BETA=b is not None, W_HALVES=split, BLOCK_E=block_e,
-        BLOCK_K=min(128, pow2(K, 16)), num_warps=4)
+        BLOCK_K=min(128, pow2(K, 16)), num_warps=4, enable_fp_fusion=FP_FUSION)
     stamp = version_stamp(key)
     if stamp is not None:
         _GATE_SUMS[gate_weight] = (stamp, sums, op)
@@ -501,7 +501,7 @@ def launch_router_logits(x, ln_weight, ln_bias, gate_weight, gate_bias, eps, gat
                                   tuning.device_family(x.device)))                         # no K slices
         cfg.pop("SPLITS"), cfg.pop("k_chunk")
         router_logits_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(E, cfg["BLOCK_E"]))](
-            *pointers, logits, M, E, K, x2.stride(0), stride_w, eps, **flags, **cfg)
+            *pointers, logits, M, E, K, x2.stride(0), stride_w, eps, **flags, **cfg, enable_fp_fusion=FP_FUSION)
     return logits.reshape(*x.shape[:-1], E)
 
 
@@ -554,7 +554,7 @@ def _launch_fused(x2, params, call, weights, indices, config):
                   alpha_scaled=alpha * inv_norm, inv_norm=inv_norm, **flags, RENORMALIZE=renormalize,
                   BLOCK_TOPK=pow2(k), **cfg)
     grid = (blocks, splits)
-    return fused_router_kernel[grid](*args, **kwargs), grid, args, kwargs
+    return fused_router_kernel[grid](*args, **kwargs, enable_fp_fusion=FP_FUSION), grid, args, kwargs
 
 
 # eager launches of fused_router_kernel at a repeated call: launch_plans.py

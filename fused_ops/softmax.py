@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference, tuning
-from ._runtime import row_tiles, rows, skips_dispatcher, use_triton
+from ._runtime import FP_FUSION, row_tiles, rows, skips_dispatcher, use_triton
 
 LOG2E = 1.4426950408889634
 SINGLE_PASS_MAX = 32768     # widest row kept whole in registers (32 warps x 32 lanes x 32 values)
@@ -136,10 +136,12 @@ def launch_softmax_laplace(logits: torch.Tensor, temperature: float, alpha: floa
             raise ValueError(f"softmax_laplace: {config} is narrower than the {n_cols}-wide rows")
         grid = (triton.cdiv(n_rows, config.block_m),)
         softmax_laplace_rows_kernel[grid](x, out, n_rows, n_cols, x.stride(0), out.stride(0), *args,
-                                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps)
+                                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+                                          enable_fp_fusion=FP_FUSION)
     else:
         softmax_laplace_online_kernel[(n_rows,)](x, out, n_cols, x.stride(0), out.stride(0), *args,
-                                                 BLOCK_N=config.block_n, num_warps=config.num_warps)
+                                                 BLOCK_N=config.block_n, num_warps=config.num_warps,
+                                                 enable_fp_fusion=FP_FUSION)
     return out.reshape(logits.shape)
 
 

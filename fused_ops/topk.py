@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference, tuning
-from ._runtime import pow2, row_tiles, rows, skips_dispatcher, use_triton
+from ._runtime import FP_FUSION, pow2, row_tiles, rows, skips_dispatcher, use_triton
 
 TAKEN = tl.constexpr(-2147483648)     # int32 min: a column already picked, or padding
 NAN_KEY = tl.constexpr(-2147483647)   # just above TAKEN: NaN ranks below every number, -inf included
@@ -148,7 +148,8 @@ def launch_topk_gating(probs: torch.Tensor, k: int, renormalize: bool, config: O
             config = tuning.config_for("topk_gating", topk_bucket(n_rows, n_cols), fallback_config, config_from_json)
         topk_gating_kernel[(triton.cdiv(n_rows, config.block_m),)](
             p, weights, indices, n_rows, n_cols, p.stride(0), k, RENORMALIZE=renormalize,
-            BLOCK_M=config.block_m, BLOCK_E=pow2(n_cols), BLOCK_K=pow2(k), num_warps=config.num_warps)
+            BLOCK_M=config.block_m, BLOCK_E=pow2(n_cols), BLOCK_K=pow2(k), num_warps=config.num_warps,
+            enable_fp_fusion=FP_FUSION)
     out_shape = (*probs.shape[:-1], k)
     return weights.reshape(out_shape), indices.reshape(out_shape)
 
