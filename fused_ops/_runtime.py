@@ -145,10 +145,11 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
 
 
 def gemm_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tl.dot input precision of the wide gemms (layernorm_linear's, moe_experts'): float32 takes one
-    tf32 product where torch allows tf32 (SPEC: Dtypes), else three (tf32x3: a = a_hi + a_lo, float32's
-    accuracy on the tensor cores; perf/ln_fp32_tf32x3.py, perf/moe_fp32_tf32x3.py) where the GPU has
-    tf32, else the FMA units; the setting does not affect 16-bit operands."""
+    """tl.dot input precision of the compute-bound dots (layernorm_linear's gemm, moe_experts',
+    MaxSim's): float32 takes one tf32 product where torch allows tf32 (SPEC: Dtypes), else three
+    (tf32x3: a = a_hi + a_lo, float32's accuracy on the tensor cores; perf/ln_fp32_tf32x3.py,
+    perf/moe_fp32_tf32x3.py, perf/maxsim_fp32.py) where the GPU has tf32, else the FMA units; the
+    setting does not affect 16-bit operands."""
     one = dot_precision(dtype)
     if one == "ieee" and dtype == torch.float32 and device.type == "cuda":
         return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"

@@ -67,7 +67,7 @@ import triton.language as tl
 
 from . import reference, tuning
 from .launch_plans import LaunchPlans, current_stream, plans_apply
-from ._runtime import FP_FUSION, TL_DTYPE, dot_precision, dot_upcast, pow2, skips_dispatcher, use_triton
+from ._runtime import FP_FUSION, TL_DTYPE, dot_precision, dot_upcast, gemm_precision, pow2, skips_dispatcher, use_triton
 from .topk import NAN_KEY, ordered_key, top_k_mask
 
 MAX_QPB = 8                       # queries per row block (bounds the [BLOCK_Q, QPB_PAD] ownership tile)
@@ -302,7 +302,7 @@ def _family(dtype: torch.dtype, dim: int) -> tuple[int, list[Tile]]:
     blocks (up to 256 rows), so each byte of D read from L2 feeds many rows; 64-token chunks (32
     when d > 128). Other d cannot be copied to shared memory in 16-byte pieces: the loads go
     through registers, so the tile stays small. float32 (FMA unless tf32 is allowed) keeps one
-    32 x 32 tile.
+    32 x 32 tile, except where it takes the tensor cores (FP32_TENSOR_FAMILIES).
     """
     if dtype == torch.float32:
         return 256, [Tile(32, 32, 4)]
@@ -322,6 +322,29 @@ def tile_shared(tile: Tile, stages: int, max_dim: int, dtype: torch.dtype) -> in
 def _stages(tile: Tile, max_dim: int, dtype: torch.dtype, smem_limit: int) -> int:
     """A third load stage where the query tile and three chunk buffers fit in shared memory."""
     return 3 if tile_shared(tile, 3, max_dim, dtype) <= smem_limit else 2
+
+
+# float32 on the tensor cores: on the families listed, for d up to FP32_TENSOR_MAX_DIM, the dot takes
+# _runtime.gemm_precision (tf32x3, or tf32 where torch allows it) at FP32_TENSOR_TILING; elsewhere the
+# FMA units at the float32 family's 32 x 32 tile. On the H100 (perf/maxsim_fp32.py), with the FMA dot
+# the op was 2.1-3.3x slower than the einsum path; with tf32x3 at 64 x 64 it is 1.7x (one query), 3.3x
+# (16 queries) and 2.3x (ColPali) faster, the fastest of five tiles for one query and the largest that
+# fits every target's shared memory. Under triton 3.6 the tf32x3 builds spill on sm_100 (tcgen05) and
+# sm_120 (mma.sync), and at d = 256 on every target, so those keep the FMA units.
+FP32_TENSOR_FAMILIES = ("sm_90",)
+FP32_TENSOR_MAX_DIM = 128
+FP32_TENSOR_TILING = Tiling(64, 64, 4, 3)
+
+
+def fp32_tensor_cores(dtype: torch.dtype, dim: int, family: str) -> bool:
+    return dtype == torch.float32 and dim <= FP32_TENSOR_MAX_DIM and family in FP32_TENSOR_FAMILIES
+
+
+def dot_precision_for(dtype: torch.dtype, dim: int, device: torch.device) -> str:
+    """The kernel's PRECISION: see FP32_TENSOR_FAMILIES."""
+    if fp32_tensor_cores(dtype, dim, tuning.device_family(device)):
+        return gemm_precision(dtype, device)
+    return dot_precision(dtype)
 
 
 # (target, tile) pairs whose top-k builds spill with per-window sums under triton 3.9 although
@@ -415,6 +438,8 @@ def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: tor
     a file without one gives the scoring path's, see tuning.ENTRY_FALLBACK)."""
     kernel = "maxsim" if k is None else "maxsim_topk"
     tiling = tuning.tuned_config(kernel, tuning_bucket(n_queries, q_tokens, dim, dtype), tiling_from_json)
+    if tiling is None and fp32_tensor_cores(dtype, dim, tuning.device_family(device)):
+        tiling = FP32_TENSOR_TILING
     return choose_config(n_queries, q_tokens, n_docs, dim, dtype, *_device_limits(device), k, tiling)
 
 
@@ -481,7 +506,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
             DIM=dim, PACKED=packed, HAS_SPAN=spans is not None, HAS_Q_LEN=q_lengths is not None,
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound,
-            UPCAST=dot_upcast(Q), PRECISION=dot_precision(Q.dtype),
+            UPCAST=dot_upcast(Q), PRECISION=dot_precision_for(Q.dtype, dim, Q.device),
             WINDOW=doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC.get(tuning.device_family(Q.device), 0)),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers or None)
         grid = (n_groups * rows.n_blocks,)
@@ -564,12 +589,15 @@ def bucket_family(bucket: str) -> tuple[torch.dtype, int]:
 
 def shipped_tilings() -> dict:
     """{(dtype, largest d, tiling): compile targets} of every tiling a launcher can choose: each
-    family's tiles at the stages each target's shared memory gives, and every shipped JSON entry
-    (scoring and top-k paths) for the targets of its file's family."""
+    family's tiles at the stages each target's shared memory gives, float32's tensor-core tiling on
+    its families, and every shipped JSON entry (scoring and top-k paths) for the targets of its
+    file's family."""
     from .offline import SHARED_LIMIT
     found = {}
     picks = [((dtype, dim, Tiling(t.block_q, t.block_d, t.num_warps, _stages(t, dim, dtype, smem))), (cc,))
              for dtype, dim in FAMILY_DIMS for t in _family(dtype, dim)[1] for cc, smem in SHARED_LIMIT.items()]
+    picks.append(((torch.float32, FP32_TENSOR_MAX_DIM, FP32_TENSOR_TILING),
+                  tuple(tuning.FAMILY_CC[family] for family in FP32_TENSOR_FAMILIES)))
     picks += [((*bucket_family(bucket), tiling_from_json(entry)), targets)
               for kernel in ("maxsim", "maxsim_topk") for targets, _, bucket, entry in tuning.shipped_buckets(kernel)]
     for key, targets in picks:
@@ -580,8 +608,8 @@ def shipped_tilings() -> dict:
 def offline_builds():
     """Every tiling the launcher can choose (shipped_tilings), on both paths (scores, top-k), with
     one query per block (Lq > BLOCK_Q / 2, or a split query) and with MAX_QPB. d is the largest the
-    tile serves, and the top-k path has its largest group and k; float32 runs with and without
-    tf32. bf16 stands for both 16-bit types."""
+    tile serves, and the top-k path has its largest group and k; float32 runs with one tf32 product
+    and without (tf32x3 at its tensor-core tiling, else FMA). bf16 stands for both 16-bit types."""
     from .offline import KernelBuild, dtype_name
     builds = []
     for (dtype, dim, tiling), targets in shipped_tilings().items():
@@ -590,9 +618,10 @@ def offline_builds():
         types.update({a: "i32" for a in ("n_queries", "n_docs", "q_tokens", "n_tokens", "lq_tile", "qpb", "n_splits",
                                           "group", "k", "q_rows", "d_rows", "stride_os", "stride_on")})
         tile = tiling.tile
+        tensor = dtype == torch.float32 and (dim, tiling) == (FP32_TENSOR_MAX_DIM, FP32_TENSOR_TILING)
+        precisions = ("tf32x3", "tf32") if tensor else ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for qpb_pad, topk, precision in itertools.product(
-                sorted({1, pow2(min(MAX_QPB, tile.block_q))}), (False, True),
-                ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)):
+                sorted({1, pow2(min(MAX_QPB, tile.block_q))}), (False, True), precisions):
             group = topk_group_bound(tile, qpb_pad) if topk else SCORE_GROUP
             windows = {}                                        # WINDOW -> the targets that build with it
             for cc in targets:
@@ -602,16 +631,17 @@ def offline_builds():
                                   BLOCK_Q=tile.block_q, BLOCK_D=tile.block_d, BLOCK_K=pow2(dim, 16), QPB_PAD=qpb_pad,
                                   GROUP=group, UPCAST=False, PRECISION=precision,
                                   WINDOW=window)
-                # wgmma / tcgen05 take 64-row tiles and 16-bit operands; smaller or float32 tiles
-                # use mma.sync or FMA, which the offline check does not ask of a dot
+                # wgmma / tcgen05 take tiles of 64 rows or more; smaller tiles use mma.sync, and
+                # float32 off the tensor cores FMA, which the offline check does not ask of a dot
                 builds.append(KernelBuild(
                     f"maxsim_{dt}_d{dim}_{'topk' if topk else 'scores'}_q{qpb_pad}_BQ{tile.block_q}"
-                    f"_BD{tile.block_d}_w{tile.num_warps}_s{tiling.num_stages}{'_tf32' if precision == 'tf32' else ''}"
+                    f"_BD{tile.block_d}_w{tile.num_warps}_s{tiling.num_stages}"
+                    f"{'' if precision == 'ieee' else '_' + precision}"
                     f"{f'_r{tiling.max_registers}' if tiling.max_registers else ''}",
                     maxsim_kernel, {**types, "out_ptr": "*i64" if topk else "*fp32"}, constexprs,
                     num_warps=tile.num_warps, num_stages=tiling.num_stages, max_registers=tiling.max_registers,
                     targets=tuple(window_targets),
-                    uses_dot=tile.block_q >= 64 and dtype != torch.float32))
+                    uses_dot=tile.block_q >= 64 and (dtype != torch.float32 or tensor)))
     return builds
 
 

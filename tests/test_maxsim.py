@@ -338,3 +338,28 @@ def test_cuda_graph_capture():
     graph.replay()
     for got, want in zip(captured, run()):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="tf32 is a GPU mode")
+@pytest.mark.parametrize("Nq, Lq, d", [(1, 32, 128), (16, 32, 128), (1, 300, 96), (3, 20, 256)])
+def test_float32_keeps_float32_accuracy(Nq, Lq, d):
+    """Where float32 takes the tensor cores (maxsim.fp32_tensor_cores: on Hopper, d <= 128) its dot is
+    three tf32 products: float32's tolerance holds, on every layout and on the top-k path; where
+    torch allows tf32, one product (~1e-3)."""
+    Q, D = rand(Nq, Lq, d, dtype=torch.float32), rand(400, 300, d, dtype=torch.float32)
+    q_lengths = lengths(Nq, Lq, ends=(Lq,)).clamp_min(1)
+    d_lengths = torch.randint(1, 301, (400,), device=DEVICE)
+    tensor = maxsim_module.fp32_tensor_cores(torch.float32, d, maxsim_module.tuning.device_family(Q.device))
+    assert maxsim_module.dot_precision_for(torch.float32, d, Q.device) == ("tf32x3" if tensor else "ieee")
+    check_both_layouts(Q, D, q_lengths, d_lengths, "sum", torch.float32)
+    values, indices = fused_ops.maxsim_topk(Q, D, 7, q_lengths=q_lengths, d_lengths=d_lengths)
+    expected = oracle(Q, D, q_lengths, d_lengths)
+    assert_topk_match(indices, *torch.topk(expected, 7))
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert maxsim_module.dot_precision_for(torch.float32, d, Q.device) == "tf32"
+        assert_close(fused_ops.maxsim(Q, D, q_lengths=q_lengths, d_lengths=d_lengths), expected, torch.float32,
+                     table={torch.float32: 1e-3})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -85,6 +85,19 @@ def test_config_for_caches_the_fallback_per_bucket(config_dir):
                            moe.config_from_json).block_m == 64
 
 
+@pytest.mark.parametrize("family, dim, tensor", [("sm_90", 128, True), ("sm_90", 96, True), ("sm_90", 256, False),
+                                                 ("sm_100", 128, False), ("sm_120", 64, False)])
+def test_float32_maxsim_takes_the_tensor_cores_where_they_build(monkeypatch, family, dim, tensor):
+    """MaxSim's float32 tensor-core tiling on the families and d whose tf32x3 builds do not spill;
+    the float32 family's FMA tile elsewhere."""
+    monkeypatch.setattr(tuning, "device_family", lambda device: family)
+    cfg = MS.pick_config(16, 32, 1000, dim, torch.float32, torch.device("cpu"))
+    expected = MS.FP32_TENSOR_TILING.tile if tensor else MS._family(torch.float32, dim)[1][0]
+    assert MS.Tile(cfg.block_q, cfg.block_d, cfg.num_warps) == expected
+    assert MS.fp32_tensor_cores(torch.float32, dim, family) == tensor
+    assert not MS.fp32_tensor_cores(torch.bfloat16, dim, family)
+
+
 def test_names_and_buckets():
     assert tuning.device_key("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
     assert tuning.family_of(9) == "sm_90" and tuning.family_of(12) == "sm_120" and tuning.family_of(8) == "generic"
