@@ -325,19 +325,25 @@ def _stages(tile: Tile, max_dim: int, dtype: torch.dtype, smem_limit: int) -> in
 
 
 # float32 on the tensor cores: on the families listed, for d up to FP32_TENSOR_MAX_DIM, the dot takes
-# _runtime.gemm_precision (tf32x3, or tf32 where torch allows it) at FP32_TENSOR_TILING; elsewhere the
-# FMA units at the float32 family's 32 x 32 tile. On the H100 (perf/maxsim_fp32.py), with the FMA dot
-# the op was 2.1-3.3x slower than the einsum path; with tf32x3 at 64 x 64 it is 1.7x (one query), 3.3x
-# (16 queries) and 2.3x (ColPali) faster, the fastest of five tiles for one query and the largest that
-# fits every target's shared memory. Under triton 3.6 the tf32x3 builds spill on sm_100 (tcgen05) and
-# sm_120 (mma.sync), and at d = 256 on every target, so those keep the FMA units.
+# _runtime.gemm_precision (tf32x3, or tf32 where torch allows it) at one of FP32_TENSOR_TILINGS (picked
+# as the 16-bit tiles are, by padded rows); elsewhere the FMA units at the float32 family's 32 x 32
+# tile. On the H100 (perf/maxsim_fp32.py), with the FMA dot the op was 2.1-3.3x slower than the einsum
+# path. tf32x3 at 64 x 64 was the fastest of five tiles for one query (0.74 ms against einsum's 1.40),
+# 128 x 64 at 8 warps for 16 queries (4.42 against 18.7) and ColPali (4.12 against 12.2). Under triton
+# 3.6 the tf32x3 builds spill on sm_100 (tcgen05) and sm_120 (mma.sync), and at d = 256 on every
+# target, so those keep the FMA units.
 FP32_TENSOR_FAMILIES = ("sm_90",)
 FP32_TENSOR_MAX_DIM = 128
-FP32_TENSOR_TILING = Tiling(64, 64, 4, 3)
+FP32_TENSOR_TILINGS = (Tiling(64, 64, 4, 3), Tiling(128, 64, 8, 2))
 
 
 def fp32_tensor_cores(dtype: torch.dtype, dim: int, family: str) -> bool:
     return dtype == torch.float32 and dim <= FP32_TENSOR_MAX_DIM and family in FP32_TENSOR_FAMILIES
+
+
+def fp32_tensor_tiling(n_queries: int, q_tokens: int) -> Tiling:
+    tile = _pick_tile(n_queries, q_tokens, [tiling.tile for tiling in FP32_TENSOR_TILINGS])
+    return next(tiling for tiling in FP32_TENSOR_TILINGS if tiling.tile == tile)
 
 
 def dot_precision_for(dtype: torch.dtype, dim: int, device: torch.device) -> str:
@@ -439,7 +445,7 @@ def pick_config(n_queries: int, q_tokens: int, n_docs: int, dim: int, dtype: tor
     kernel = "maxsim" if k is None else "maxsim_topk"
     tiling = tuning.tuned_config(kernel, tuning_bucket(n_queries, q_tokens, dim, dtype), tiling_from_json)
     if tiling is None and fp32_tensor_cores(dtype, dim, tuning.device_family(device)):
-        tiling = FP32_TENSOR_TILING
+        tiling = fp32_tensor_tiling(n_queries, q_tokens)
     return choose_config(n_queries, q_tokens, n_docs, dim, dtype, *_device_limits(device), k, tiling)
 
 
@@ -596,8 +602,8 @@ def shipped_tilings() -> dict:
     found = {}
     picks = [((dtype, dim, Tiling(t.block_q, t.block_d, t.num_warps, _stages(t, dim, dtype, smem))), (cc,))
              for dtype, dim in FAMILY_DIMS for t in _family(dtype, dim)[1] for cc, smem in SHARED_LIMIT.items()]
-    picks.append(((torch.float32, FP32_TENSOR_MAX_DIM, FP32_TENSOR_TILING),
-                  tuple(tuning.FAMILY_CC[family] for family in FP32_TENSOR_FAMILIES)))
+    picks += [((torch.float32, FP32_TENSOR_MAX_DIM, tiling), tuple(tuning.FAMILY_CC[f] for f in FP32_TENSOR_FAMILIES))
+              for tiling in FP32_TENSOR_TILINGS]
     picks += [((*bucket_family(bucket), tiling_from_json(entry)), targets)
               for kernel in ("maxsim", "maxsim_topk") for targets, _, bucket, entry in tuning.shipped_buckets(kernel)]
     for key, targets in picks:
@@ -618,7 +624,7 @@ def offline_builds():
         types.update({a: "i32" for a in ("n_queries", "n_docs", "q_tokens", "n_tokens", "lq_tile", "qpb", "n_splits",
                                           "group", "k", "q_rows", "d_rows", "stride_os", "stride_on")})
         tile = tiling.tile
-        tensor = dtype == torch.float32 and (dim, tiling) == (FP32_TENSOR_MAX_DIM, FP32_TENSOR_TILING)
+        tensor = dtype == torch.float32 and dim == FP32_TENSOR_MAX_DIM and tiling in FP32_TENSOR_TILINGS
         precisions = ("tf32x3", "tf32") if tensor else ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for qpb_pad, topk, precision in itertools.product(
                 sorted({1, pow2(min(MAX_QPB, tile.block_q))}), (False, True), precisions):

@@ -1,5 +1,5 @@
 """maxsim in float32 (tf32 not allowed): the op as shipped ("shipped": on sm_90, three tf32 products
-on the tensor cores at maxsim.FP32_TENSOR_TILING), the dot on the FMA units ("ieee", shipped before)
+on the tensor cores at maxsim.FP32_TENSOR_TILINGS), the dot on the FMA units ("ieee", shipped before)
 at the float32 family's 32 x 32 tile, and tf32x3 at that tile and larger ones, against the einsum
 path in float32. Shapes as the bf16 benchmark's, d=128: one query against 10k documents, 16 queries
 sharing 10k, ColPali. (The FMA dot at the larger tiles spills: 25-470 ms, see the results file.)

@@ -88,12 +88,18 @@ def test_config_for_caches_the_fallback_per_bucket(config_dir):
 @pytest.mark.parametrize("family, dim, tensor", [("sm_90", 128, True), ("sm_90", 96, True), ("sm_90", 256, False),
                                                  ("sm_100", 128, False), ("sm_120", 64, False)])
 def test_float32_maxsim_takes_the_tensor_cores_where_they_build(monkeypatch, family, dim, tensor):
-    """MaxSim's float32 tensor-core tiling on the families and d whose tf32x3 builds do not spill;
-    the float32 family's FMA tile elsewhere."""
+    """MaxSim's float32 tensor-core tilings on the families and d whose tf32x3 builds do not spill
+    (64 x 64 for one 32-token query, 128 x 64 for 16 and for a 1024-token one); the float32
+    family's FMA tile elsewhere."""
     monkeypatch.setattr(tuning, "device_family", lambda device: family)
-    cfg = MS.pick_config(16, 32, 1000, dim, torch.float32, torch.device("cpu"))
-    expected = MS.FP32_TENSOR_TILING.tile if tensor else MS._family(torch.float32, dim)[1][0]
-    assert MS.Tile(cfg.block_q, cfg.block_d, cfg.num_warps) == expected
+    for n_queries, q_tokens, tensor_tiling in ((1, 32, MS.Tiling(64, 64, 4, 3)), (16, 32, MS.Tiling(128, 64, 8, 2)),
+                                               (1, 1024, MS.Tiling(128, 64, 8, 2))):
+        cfg = MS.pick_config(n_queries, q_tokens, 1000, dim, torch.float32, torch.device("cpu"))
+        got = MS.Tiling(cfg.block_q, cfg.block_d, cfg.num_warps, cfg.num_stages)
+        if tensor:
+            assert got == tensor_tiling
+        else:
+            assert got.tile == MS._family(torch.float32, dim)[1][0]
     assert MS.fp32_tensor_cores(torch.float32, dim, family) == tensor
     assert not MS.fp32_tensor_cores(torch.bfloat16, dim, family)
 
