@@ -67,8 +67,9 @@ def main() -> None:
         for (group, bound), ms_list in times.items():
             ms = sorted(ms_list)[len(ms_list) // 2]
             programs = triton.cdiv(n_docs, group) * rows.n_blocks
-            print(f"  group {group:>2} (bound {bound}): {ms:.4f} ms  {flops / ms / 1e9:.0f} TFLOP/s  {programs} programs"
-                  f" = {programs / slots:.2f} rounds  (rounds: {' '.join(f'{t:.3f}' for t in ms_list)})", flush=True)
+            print(f"  group {group:>2} (bound {bound}): {ms:.4f} ms  {flops / ms / 1e9:.0f} TFLOP/s  "
+                  f"{programs} programs = {programs / slots:.2f} rounds  "
+                  f"(rounds: {' '.join(f'{t:.3f}' for t in ms_list)})", flush=True)
 
 
 if __name__ == "__main__":

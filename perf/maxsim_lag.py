@@ -13,26 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import pathlib
 import re
 
 from perf.variants import edited_module
 
 maxsim = importlib.import_module("fused_ops.maxsim")
 
-_TAKE = """        m = tl.maximum(m, tl.where(length > 0, tl.max(sim, axis=1), float("-inf")))
-        last = length <= BLOCK_D
-        if last:                                                # add up the document's rows per query
-            if WINDOW:
-                slot = (n - n0) % WINDOW
-                acc_rows = tl.where(tl.arange(0, WINDOW)[None, :] == slot, m[:, None], acc_rows)
-                if GROUP > WINDOW:
-                    if slot == WINDOW - 1:                      # the window is full
-                        acc_windows = _window_sums(acc_windows, acc_rows, (n - n0) // WINDOW, j, row_ok)
-            else:
-                per_query = tl.sum(tl.where(rows_of, m[:, None], 0.0), axis=0)
-                acc = tl.where(col[None, :] == n - n0, acc + per_query[:, None], acc)
-            m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-"""
+# the loop's code that takes a chunk's row maxima and ends a document, read from the library's source
+# (from the row max to the document counter's step) so that the edit always matches it
+_SOURCE = pathlib.Path(maxsim.__file__).read_text()
+_TAKE = _SOURCE[_SOURCE.index("        m = tl.maximum(m, tl.where(length > 0"):
+                _SOURCE.index("        n += last.to(tl.int32)\n")]
 _ADVANCE = """        n += last.to(tl.int32)
 """
 
@@ -41,7 +33,7 @@ def _take(indent: str) -> str:
     """_TAKE on the previous chunk's values, at an indent."""
     text = _TAKE.replace("(sim,", "(sim_prev,").replace("length > 0", "length_prev > 0")
     text = text.replace("last = length <= BLOCK_D", "last_prev = length_prev <= BLOCK_D")
-    text = text.replace("if last:", "if last_prev:").replace("(n - n0)", "(n_prev - n0)").replace("n - n0)", "n_prev - n0)")
+    text = text.replace("if last:", "if last_prev:").replace("(n - n0)", "(n_prev - n0)")
     text = text.replace("== n - n0,", "== n_prev - n0,")
     return "".join(indent + line[8:] + "\n" if line else "\n" for line in text.splitlines())
 
