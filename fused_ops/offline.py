@@ -195,11 +195,10 @@ def _worker_report(job: tuple[int, int]) -> BuildReport:
     return _report(_WORKER_BUILDS[index], cc)
 
 
-def report_all(targets=TARGETS, workers: int = 0) -> list[BuildReport]:
-    """Every build compiled for every target it ships on, in that order. Compiles run in `workers`
-    processes (0: one per CPU this process may use), each of which lists the builds itself (the
-    kernels are not picklable); ptxas and Triton's passes are single-threaded, so the processes
-    divide the time."""
+def report_all(targets=TARGETS) -> list[BuildReport]:
+    """Every build compiled for every target it ships on, in that order. Compiles run in one process
+    per CPU this process may use, each of which lists the builds itself (the kernels are not
+    picklable); ptxas and Triton's passes are single-threaded, so the processes divide the time."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -207,7 +206,7 @@ def report_all(targets=TARGETS, workers: int = 0) -> list[BuildReport]:
     builds = all_builds()
     jobs = [(index, cc) for index, build in enumerate(builds) for cc in targets if cc in build.targets]
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(workers or usable, len(jobs))
+    workers = min(usable, len(jobs))
     # a progress bar where stderr is a terminal (disable=None), none in the tests' subprocess
     bar = functools.partial(tqdm, total=len(jobs), desc=f"compiling ({workers} processes)", disable=None)
     if workers <= 1:
