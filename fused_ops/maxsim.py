@@ -330,8 +330,8 @@ def _stages(tile: Tile, max_dim: int, dtype: torch.dtype, smem_limit: int) -> in
 # tile. On the H100 (perf/maxsim_fp32.py), with the FMA dot the op was 2.1-3.3x slower than the einsum
 # path. tf32x3 at 64 x 64 was the fastest of five tiles for one query (0.74 ms against einsum's 1.40),
 # 128 x 64 at 8 warps for 16 queries (4.42 against 18.7) and ColPali (4.12 against 12.2). Under triton
-# 3.6 the tf32x3 builds spill on sm_100 (tcgen05) and sm_120 (mma.sync), and at d = 256 on every
-# target, so those keep the FMA units.
+# 3.6 and 3.9 the tf32x3 builds spill on sm_100 (tcgen05) and sm_120 (mma.sync), and at d = 256 on
+# every target, so those keep the FMA units (perf/results/offline/maxsim_fp32_builds.txt).
 FP32_TENSOR_FAMILIES = ("sm_90",)
 FP32_TENSOR_MAX_DIM = 128
 FP32_TENSOR_TILINGS = (Tiling(64, 64, 4, 3), Tiling(128, 64, 8, 2))
