@@ -27,10 +27,19 @@ def _device_summary() -> dict:
 
 
 def cmd_info(_args) -> None:
+    import importlib
+
     from . import __all__ as ops
-    for key, value in _device_summary().items():
+    summary = _device_summary()
+    for key, value in summary.items():
         print(f"{key:>20}: {value}")
     print(f"{'ops':>20}: {', '.join(o for o in ops if o[0].islower())}")
+    if summary["backend"].startswith("triton"):
+        topk, router = importlib.import_module(".topk", __package__), importlib.import_module(".router", __package__)
+        print(f"{'except':>20}: float64 inputs of layernorm_linear, fused_router, moe_experts and the maxsim ops "
+              f"take the reference (the kernels compute in float32), and so do topk_gating rows wider than "
+              f"{topk.MAX_SINGLE_BLOCK}; fused_router over {router.MAX_FUSED_E} experts takes three launches "
+              f"(logits, softmax_laplace, topk_gating)")
 
 
 def _timed(fn, device: str, repeats: int) -> float:
@@ -88,13 +97,15 @@ def cmd_demo(args) -> None:
         raise SystemExit(f"demo: triton and torch backends differ (relative error {worst:.2e} > {tolerance})")
 
 
-def _parse_shapes(tokens, base: dict) -> list:
-    """'M=32,N=7' tokens -> shape dicts over the tunable's default shape."""
+def _parse_shapes(tokens) -> list[dict]:
+    """'M=32,N=7' tokens -> {'M': 32, 'N': 7} dicts."""
     shapes = []
     for token in tokens:
-        shape = dict(base)
+        shape = {}
         for item in token.split(","):
-            key, value = item.split("=")
+            key, _, value = item.partition("=")
+            if not key or not value.isdigit():
+                raise SystemExit(f"--shapes: expected KEY=INTEGER items such as M=32,K=8320, got {item!r}")
             shape[key] = int(value)
         shapes.append(shape)
     return shapes
@@ -106,9 +117,17 @@ def cmd_tune(args) -> None:
     unknown = [n for n in names if n not in tuning.TUNABLES]
     if unknown:
         raise SystemExit(f"unknown --op {unknown}; tunable kernels: {list(tuning.TUNABLES)}")
+    given = _parse_shapes(args.shapes or [])
     for name in names:
-        shapes = _parse_shapes(args.shapes, tuning.TUNABLES[name].shapes[0]) if args.shapes else None
-        tuner.tune([name], shapes, args.out)
+        base = tuning.TUNABLES[name].shapes[0]
+        foreign = sorted({key for shape in given for key in shape} - set(base))
+        if foreign:         # another kernel's keys: an error where the kernel was named, else not its shapes
+            message = f"--shapes key(s) {foreign} are not {name}'s (its shape keys: {sorted(base)})"
+            if args.op:
+                raise SystemExit(message)
+            print(f"{name}: skipped, {message}")
+            continue
+        tuner.tune([name], [{**base, **shape} for shape in given] or None, args.out)
 
 
 def family_of_name(name: str) -> str:

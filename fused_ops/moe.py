@@ -24,7 +24,8 @@ computed transposed (swap-AB: weight rows on the MMA's M side), so they still ru
 
 Indices outside [0, E) cannot be rejected without a sync: their pairs get a bucket of their own
 whose second-GEMM tiles write NaN, so those tokens' rows of y are NaN (never a silent wrong value,
-never an out-of-bounds read). The CPU reference path raises ValueError instead.
+never an out-of-bounds read). Off CUDA (the reference, or the kernels through the interpreter)
+the check costs no device sync, so the op raises ValueError there.
 """
 from __future__ import annotations
 
@@ -429,9 +430,11 @@ def offline_builds():
 def _moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
                     b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
                     activation: str) -> torch.Tensor:
-    if use_triton(x) and x.dtype in TL_DTYPE:
+    kernel = use_triton(x) and x.dtype in TL_DTYPE
+    if not kernel or x.device.type != "cuda":   # no device sync to pay for here: raise as the reference does
+        reference.check_indices_range(indices, w1.shape[0])
+    if kernel:
         return launch_moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
-    reference.check_indices_range(indices, w1.shape[0])
     return reference._moe_experts(x, weights, indices, w1, b1, w2, b2, activation)
 
 

@@ -13,7 +13,7 @@ import re
 import subprocess
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ._runtime import FP_FUSION
 from .tuning import FAMILY_CC, SHARED_LIMIT as _FAMILY_SHARED
@@ -195,35 +195,58 @@ def _worker_report(job: tuple[int, int]) -> BuildReport:
     return _report(_WORKER_BUILDS[index], cc)
 
 
+def _compile_key(build: KernelBuild, cc: int) -> tuple:
+    """All that a build's machine code depends on: builds alike in it (one config shipped in several
+    buckets or files) compile once."""
+    return (build.kernel.fn.__module__, build.kernel.__name__, tuple(sorted(build.types.items())),
+            tuple(sorted((name, repr(value)) for name, value in build.constexprs.items())), build.num_warps,
+            build.num_stages, build.max_registers, tuple(build.divisible), cc)
+
+
 def report_all(targets=TARGETS) -> list[BuildReport]:
-    """Every build compiled for every target it ships on, in that order. Compiles run in one process
-    per CPU this process may use, each of which lists the builds itself (the kernels are not
-    picklable); ptxas and Triton's passes are single-threaded, so the processes divide the time."""
+    """Every build compiled for every target it ships on, in that order. Each distinct build compiles
+    once, in one process per CPU this process may use, each of which lists the builds itself (the
+    kernels are not picklable); ptxas and Triton's passes are single-threaded, so the processes
+    divide the time."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
     builds = all_builds()
     jobs = [(index, cc) for index, build in enumerate(builds) for cc in targets if cc in build.targets]
+    distinct = {}                                   # compile key -> the first job that has it
+    for index, cc in jobs:
+        distinct.setdefault(_compile_key(builds[index], cc), (index, cc))
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(usable, len(jobs))
+    workers = min(usable, len(distinct))
     # a progress bar where stderr is a terminal (disable=None), none in the tests' subprocess
-    bar = functools.partial(tqdm, total=len(jobs), desc=f"compiling ({workers} processes)", disable=None)
+    bar = functools.partial(tqdm, total=len(distinct), desc=f"compiling ({workers} processes)", disable=None)
     if workers <= 1:
-        return [_report(builds[index], cc) for index, cc in bar(jobs)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_start) as pool:
-        return list(bar(pool.map(_worker_report, jobs)))
+        reports = [_report(builds[index], cc) for index, cc in bar(distinct.values())]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_start) as pool:
+            reports = list(bar(pool.map(_worker_report, distinct.values())))
+    by_key = dict(zip(distinct, reports))
+    return [replace(by_key[_compile_key(builds[index], cc)], name=builds[index].name)
+            for index, cc in jobs]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     """python -m fused_ops.offline [--json]: the kernel x target table (needs no GPU)."""
+    import argparse
     import json
     import sys
+    parser = argparse.ArgumentParser(prog="python -m fused_ops.offline",
+                                     description="Compile every shipped kernel config for sm_90, sm_100 and sm_120 "
+                                                 "(no GPU needed) and print shared memory, registers, spills and "
+                                                 "the tensor-core instruction of each.")
+    parser.add_argument("--json", action="store_true", help="the reports as JSON on stdout instead of a table")
+    args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("offline compilation needs TRITON_INTERPRET unset")
     reports = report_all()
-    if "--json" in sys.argv:
+    if args.json:
         json.dump([{**r.__dict__, "fits": r.fits} for r in reports], sys.stdout)
         return
     print(f"{'kernel config':<34} {'target':>6} {'shared B':>9} {'regs':>5} {'stack':>5} {'local':>5} "

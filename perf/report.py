@@ -6,9 +6,9 @@ python -m perf.report --check   exit 1 if the README's block differs from what t
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
-import sys
 
 from .harness import _best, is_peer, plot, read_csv
 
@@ -94,11 +94,14 @@ def replace_block(text: str, block: str) -> str:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m perf.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if the README's results block differs from what the CSVs give")
+    args = parser.parse_args(argv)
     with open(README) as f:
         text = f.read()
     updated = replace_block(text, generate())
-    if "--check" in argv:
+    if args.check:
         if updated != text:
             raise SystemExit("README results table is stale: run `python -m perf.report`")
         return

@@ -165,6 +165,16 @@ def test_reference_path_rejects_invalid_indices():
         reference.moe_experts(x.cpu(), weights.cpu(), indices.cpu(), w1.cpu(), b1.cpu(), w2.cpu(), b2.cpu())
 
 
+@pytest.mark.parametrize("bad_index", [-1, 3])
+def test_cpu_tensors_reject_invalid_indices(bad_index):
+    """Off CUDA the range check costs no device sync, so the op raises there (through the
+    interpreter's kernels as through the reference) instead of returning NaN rows."""
+    x, weights, indices, w1, b1, w2, b2 = (t.cpu() for t in problem(4, 8, 6, 5, 3, 2, torch.float32))
+    indices[2, 1] = bad_index
+    with pytest.raises(ValueError, match=r"indices.*\[0, 3\)"):
+        fused_ops.moe_experts(x, weights, indices, w1, b1, w2, b2)
+
+
 def test_bad_arguments_raise():
     x, weights, indices, w1, b1, w2, b2 = problem(4, 8, 6, 5, 3, 2, torch.bfloat16)
     with pytest.raises(TypeError, match="weights"):

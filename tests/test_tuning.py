@@ -531,3 +531,19 @@ def test_configs_report_lists_the_row_kernels(monkeypatch, capsys):
             assert source in lines[at]
             if device == "NVIDIA H200":
                 assert str(shipped[kernel][bucket]) == lines[at + 1].strip()
+
+
+def test_tune_applies_shapes_only_to_kernels_with_their_keys(monkeypatch, capsys):
+    """--shapes M=... tunes the kernels whose shapes have M over their default shape, skips the
+    others (maxsim: Nq, Lq, ...) with a note, and refuses them where they were named."""
+    from fused_ops.__main__ import main
+    tuned = []
+    monkeypatch.setattr(tuner, "tune", lambda names, shapes, out: tuned.append((names[0], shapes)))
+    main(["tune", "--shapes", "M=64", "M=8,K=7"])
+    by_name = dict(tuned)
+    assert by_name["layernorm_linear"] == [{"M": 64, "K": 8320, "N": 4096}, {"M": 8, "K": 7, "N": 4096}]
+    assert "maxsim" not in by_name and "maxsim: skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not maxsim's"):
+        main(["tune", "--op", "maxsim", "--shapes", "M=64"])
+    with pytest.raises(SystemExit, match="KEY=INTEGER"):
+        main(["tune", "--op", "layernorm_linear", "--shapes", "M64"])
