@@ -28,7 +28,7 @@ ROUNDS = 3
 
 EDITS = [
     ("    for _step in range(0, n_chunks):\n",
-     "    run = tl.full([BLOCK_D, BLOCK_Q], float(\"-inf\"), tl.float32)     # [token, row]: the document's max so far\n"
+     "    run = tl.full([BLOCK_D, BLOCK_Q], float(\"-inf\"), tl.float32)     # [token, row]: the max so far\n"
      "    for _step in range(0, n_chunks):\n"),
     ("            sim = tl.dot(q, tl.trans(chunk), input_precision=PRECISION)\n"
      "        m = tl.maximum(m, tl.where(length > 0, tl.max(sim, axis=1), float(\"-inf\")))\n"
@@ -53,14 +53,16 @@ def offline() -> None:
     variant = transposed()
     print(f"triton {triton.__version__}, sm_90")
     for build in maxsim.offline_builds():
-        if not build.name.startswith("maxsim_bf16_d128_scores_") or "w8_s3" not in build.name and "w4_s3" not in build.name:
+        scored = build.name.startswith("maxsim_bf16_d128_scores_")
+        if not scored or not any(tag in build.name for tag in ("w8_s3", "w4_s3")):
             continue
         for name, kernel in (("shipped", maxsim.maxsim_kernel), ("transposed", variant.maxsim_kernel)):
             b = dataclasses.replace(build, kernel=kernel)
             report = off.compile_build(b, 90)
             loop = off.loop_opcodes(b, 90)
-            print(f"{build.name} {name}: {report.registers} registers, {report.shared} shared, spills {report.loop_spills}, "
-                  f"{sum(loop.values())} instructions a trip: {loop.most_common(8)}", flush=True)
+            print(f"{build.name} {name}: {report.registers} registers, {report.shared} shared, "
+                  f"spills {report.loop_spills}, {sum(loop.values())} instructions a trip: {loop.most_common(8)}",
+                  flush=True)
 
 
 def main() -> None:
