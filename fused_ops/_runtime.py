@@ -134,6 +134,7 @@ def prefer_all_shared(kernel) -> bool:
 
 # families whose GEMMs read tiles through the bulk copy engine (TMA); sm_120 spills there
 TMA_FAMILIES = (9, 10)
+PDL_MIN_MAJOR = 9         # programmatic dependent launch (griddepcontrol) assembles from sm_90 on
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:

@@ -62,9 +62,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
 from .launch_plans import LaunchPlans, current_stream, plans_apply, same_stamp, version_stamp
-from ._runtime import (FP_FUSION, INTERPRET, TMA_FAMILIES, dot_precision, dot_upcast, gemm_precision, max_registers,
-                       max_shared_memory, pow2, prefer_all_shared, rows, skips_dispatcher, sm_count, sm_shared_memory,
-                       sm_threads, tma_ok, use_triton)
+from ._runtime import (FP_FUSION, INTERPRET, PDL_MIN_MAJOR, TMA_FAMILIES, dot_precision, dot_upcast, gemm_precision,
+                       max_registers, max_shared_memory, pow2, prefer_all_shared, rows, skips_dispatcher, sm_count,
+                       sm_shared_memory, sm_threads, tma_ok, use_triton)
 
 ROWS_MAX_N = 512         # widest N one rows-kernel program holds whole (a router's experts)
 FEW_ROWS_MAX_M = 16      # float32 at wide N: up to this many rows take the few-rows kernel, more the gemm
@@ -634,11 +634,12 @@ class GemmConfig:
 GEMM_FP32 = {"sm_90": ((64, GemmConfig(64, 128, 32, 8, 4, 3)), (None, GemmConfig(128, 128, 32, 8, 8, 4))),
              "sm_100": ((64, GemmConfig(64, 128, 16, 8, 4, 4)), (None, GemmConfig(128, 128, 32, 8, 8, 4))),
              "sm_120": ((None, GemmConfig(64, 128, 16, 8, 4, 4)),)}
+GEMM_FP32["generic"] = GEMM_FP32["sm_120"]      # mma.sync dots and 99 KB, as on sm_120
 
 
 def gemm_fp32_config(M: int, family: str) -> GemmConfig:
-    """The float32 gemm's tile for M rows on a family (GEMM_FP32; others take sm_90's)."""
-    return next(cfg for most, cfg in GEMM_FP32.get(family, GEMM_FP32["sm_90"]) if most is None or M <= most)
+    """The float32 gemm's tile for M rows on a family (GEMM_FP32)."""
+    return next(cfg for most, cfg in GEMM_FP32[family] if most is None or M <= most)
 
 
 # the few-rows kernel's (BLOCK_N, BLOCK_K, warps) by rows (a power of two): the fastest of 2-3 tilings at
@@ -680,7 +681,7 @@ def fit_shared(config: GemmConfig, limit: int, itemsize: int = 2) -> GemmConfig:
 def gemm_fallback(bucket: str, family: str) -> GemmConfig:
     """The 16-bit gemm's built-in config: tiles by M bucket and GPU family (a heuristic table, no
     timing), cut to fit the family's shared memory. Every one compiles without spills for sm_90,
-    sm_100 and sm_120 (offline_builds)."""
+    sm_100, sm_120 and (the generic family) sm_80 (offline_builds)."""
     M = int(bucket.removeprefix("M"))
     # up to 128 rows the gemm is bound by the weight's read and K is split (gemm_split). Three tiles at
     # 8320 x 4096 (ln_few_rows.txt): at 1-8 rows 64x128x64 (H200 26 us against 34-36 for 64x64x128;
@@ -942,9 +943,12 @@ def stats_beside(x, folded, stats, sums, y, eps, cfg: GemmConfig) -> bool:
     the 128 x 256 tile does, 256 x 128 takes 248-250 registers a thread and does not), and the
     driver must take the statistics kernel's call for all of an SM's shared memory
     (prefer_all_shared): an SM it configured for that kernel's 6 KB would take no gemm tile until
-    its statistics program left. True under the interpreter (nothing to read, one program at a time)."""
+    its statistics program left. True under the interpreter (nothing to read, one program at a time);
+    False before sm_90, which has no programmatic dependent launch (griddepcontrol does not assemble)."""
     if INTERPRET:
         return True
+    if torch.cuda.get_device_capability(x.device)[0] < PDL_MIN_MAJOR:
+        return False
     K = x.shape[1]
     key = (x.device, x.dtype, cfg, tma_ok(x, folded), K % cfg.block_k == 0, K % 16 == 0, min(STATS_BLOCK_K, pow2(K)))
     if key not in _BESIDE_FITS:
@@ -1153,6 +1157,11 @@ def divisible_args(**values) -> tuple:
     return tuple(name for name, value in values.items() if value % 16 == 0)
 
 
+def pdl_targets(targets: tuple) -> tuple:
+    """The targets a build that runs beside the statistics pass ships on (stats_beside)."""
+    return tuple(cc for cc in targets if cc // 10 >= PDL_MIN_MAJOR)
+
+
 def gemm_shipped_configs() -> list:
     """(label, config, compile targets) of every 16-bit gemm config a launcher can choose: each
     family's fallback (one M bucket per row of its table) and every entry of the shipped JSON."""
@@ -1184,6 +1193,7 @@ def _gemm_builds(dt: str, types: dict, K: int) -> list:
         common = dict(EVEN_K=K % cfg.block_k == 0, DOT_UPCAST=False, SPLIT=split, STATS_ROWS=stats_rows,
                       **gemm_constexprs(cfg))
         name = f"ln_linear_gemm_{dt}_{label}{'_split' if split else ''}{'_beside' if stats_rows else ''}"
+        targets = pdl_targets(targets) if stats_rows else targets
         tma_targets = tuple(cc for cc in targets if cc // 10 in TMA_FAMILIES)
         pointer_targets = tuple(cc for cc in targets if not stats_rows or cc not in tma_targets)
         if pointer_targets:
@@ -1201,7 +1211,7 @@ def _gemm_builds(dt: str, types: dict, K: int) -> list:
 
 
 def offline_builds():
-    from .offline import KernelBuild
+    from .offline import TARGETS, KernelBuild
     K = 8320
     builds = []
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -1244,7 +1254,8 @@ def offline_builds():
                                dict(COUNT_BLOCK=128 if beside else 0, PDL=beside, BLOCK_M=STATS_BLOCK_M,
                                     BLOCK_K=STATS_BLOCK_K, STAGES=STATS_STAGES),
                                num_warps=BESIDE_WARPS if beside else STATS_WARPS,
-                               divisible=divisible_args(M=8192, K=K, stride_x=K))
+                               divisible=divisible_args(M=8192, K=K, stride_x=K),
+                               targets=pdl_targets(TARGETS) if beside else TARGETS)
                    for beside in (False, True)]
         builds += _gemm_builds(dt, types, K)
     return builds

@@ -21,7 +21,7 @@ from .tuning import FAMILY_CC, SHARED_LIMIT as _FAMILY_SHARED
 SHARED_LIMIT = {cc: _FAMILY_SHARED[family] for family, cc in FAMILY_CC.items()}   # bytes per block
 TARGETS = tuple(SHARED_LIMIT)
 # the tensor-core instruction each target's dots should lower to
-DOT_INSTRUCTION = {90: "wgmma", 100: "tcgen05.mma", 120: "mma.sync"}
+DOT_INSTRUCTION = {90: "wgmma", 100: "tcgen05.mma", 120: "mma.sync", 80: "mma.sync"}
 OP_MODULES = ("softmax", "topk", "layernorm_linear", "router", "moe", "maxsim")
 
 
@@ -238,7 +238,7 @@ def main(argv=None) -> None:
     import json
     import sys
     parser = argparse.ArgumentParser(prog="python -m fused_ops.offline",
-                                     description="Compile every shipped kernel config for sm_90, sm_100 and sm_120 "
+                                     description="Compile every shipped kernel config for sm_90, sm_100, sm_120 and sm_80 "
                                                  "(no GPU needed) and print shared memory, registers, spills and "
                                                  "the tensor-core instruction of each.")
     parser.add_argument("--json", action="store_true", help="the reports as JSON on stdout instead of a table")

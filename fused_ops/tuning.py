@@ -29,7 +29,9 @@ from typing import Callable, Optional
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 SHARED_LIMIT = {"sm_90": 232448, "sm_100": 232448, "sm_120": 101376, "generic": 101376}
-FAMILY_CC = {"sm_90": 90, "sm_100": 100, "sm_120": 120}
+# the compute capability each family is compiled for offline; "generic" (Ampere and Ada: no TMA, no wgmma,
+# mma.sync dots) is proven on sm_80
+FAMILY_CC = {"sm_90": 90, "sm_100": 100, "sm_120": 120, "generic": 80}
 # kernel -> the kernel whose entry of the same bucket it takes in a file that has none of its own
 # (maxsim's top-k path runs the scoring path's kernel, on its own tile where one was tuned)
 ENTRY_FALLBACK = {"maxsim_topk": "maxsim"}

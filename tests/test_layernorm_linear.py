@@ -225,6 +225,17 @@ def test_statistics_pass_goes_beside_only_the_tiles_that_leave_room():
     assert not LN.stats_beside(x, folded, stats, sums, y, 1e-5, tall)
 
 
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9)])
+def test_statistics_pass_goes_first_before_sm_90(monkeypatch, capability):
+    """Before sm_90 there is no programmatic dependent launch (the statistics kernel's griddepcontrol
+    does not assemble for sm_80 or sm_89): the pass goes first, and nothing is compiled to ask."""
+    monkeypatch.setattr(LN, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(LN.row_stats_kernel, "warmup", None)        # a compile would fail the call
+    x = torch.ones(4, 8)
+    assert not LN.stats_beside(x, None, None, None, None, 1e-5, LN.GemmConfig(128, 256, 64, 8, 8, 4))
+
+
 @pytest.mark.skipif(not ON_GPU, reason="two kernels running at once need a GPU")
 def test_gemm_tiles_wait_for_statistics_written_after_them():
     """The waiting gemm launched first on one stream, its statistics (poisoned until then) computed

@@ -274,7 +274,7 @@ def test_bad_arguments_raise(bad, match):
 
 
 def test_offline_builds_hold_every_config_the_launcher_picks():
-    """fused_ops.offline compiles maxsim's offline_builds() for sm_90/100/120: every block size,
+    """fused_ops.offline compiles maxsim's offline_builds() for sm_90/100/120/80: every block size,
     warp and stage count the launcher can pick for a family must be among them, on both paths."""
     from fused_ops.offline import SHARED_LIMIT
     built = {(b.types["q_ptr"], b.constexprs["TOPK"], b.constexprs["BLOCK_Q"], b.constexprs["BLOCK_D"],

@@ -1,5 +1,5 @@
-"""Every shipped kernel config compiles for sm_90, sm_100 and sm_120, fits the target's shared
-memory per block, spills nothing inside a loop, has no shared-memory slot race
+"""Every shipped kernel config compiles for sm_90, sm_100, sm_120 and sm_80 (the generic family), fits
+the target's shared memory per block, spills nothing inside a loop, has no shared-memory slot race
 (offline.BuildReport.fits), and (where it has dots) uses the target's matrix instructions.
 
 The compiler needs real (not interpreted) kernels, so the builds run in one subprocess without

@@ -141,7 +141,8 @@ def test_gemm_launch_config_without_json(config_dir):
     device = torch.device(DEVICE)
     assert LN.pick_gemm_config(300, torch.bfloat16, device) == LN.fit_shared(
         LN.gemm_fallback("M512", family), LN.max_shared_memory(device))
-    tiles = {"sm_120": ((17, (64, 128, 16, 8, 4, 4)), (9000, (64, 128, 16, 8, 4, 4))),
+    mma_sync = ((17, (64, 128, 16, 8, 4, 4)), (9000, (64, 128, 16, 8, 4, 4)))
+    tiles = {"sm_120": mma_sync, "generic": mma_sync,
              "sm_100": ((17, (64, 128, 16, 8, 4, 4)), (64, (64, 128, 16, 8, 4, 4)), (65, (128, 128, 32, 8, 8, 4)))}
     for M, tile in tiles.get(family, ((17, (64, 128, 32, 8, 4, 3)), (64, (64, 128, 32, 8, 4, 3)),
                                       (65, (128, 128, 32, 8, 8, 4)), (9000, (128, 128, 32, 8, 8, 4)))):
@@ -510,7 +511,7 @@ def test_shipped_row_kernel_entries_become_offline_builds(config_dir, monkeypatc
            asdict(SOFTMAX.SoftmaxConfig(4, 128, 2)))
     _write(config_dir, "sm_120", "sm_120", "topk_gating", "M64_E16", asdict(TOPK.TopkConfig(4, 1)))
     assert SOFTMAX.shipped_configs()[(False, SOFTMAX.SoftmaxConfig(4, 128, 2))] == (120,)
-    assert SOFTMAX.shipped_configs()[(True, SOFTMAX.SoftmaxConfig(1, 4096, 8))] == (90, 100, 120)
+    assert SOFTMAX.shipped_configs()[(True, SOFTMAX.SoftmaxConfig(1, 4096, 8))] == (90, 100, 120, 80)
     assert TOPK.shipped_configs()[(TOPK.TopkConfig(4, 1), 16)] == (120,)
     names = {b.name: b.targets for b in SOFTMAX.offline_builds() + TOPK.offline_builds()}
     assert names["softmax_rows_bf16_M4_N128_w2"] == names["topk_E16_M4_w1_k8"] == (120,)
