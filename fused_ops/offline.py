@@ -238,9 +238,9 @@ def main(argv=None) -> None:
     import json
     import sys
     parser = argparse.ArgumentParser(prog="python -m fused_ops.offline",
-                                     description="Compile every shipped kernel config for sm_90, sm_100, sm_120 and sm_80 "
-                                                 "(no GPU needed) and print shared memory, registers, spills and "
-                                                 "the tensor-core instruction of each.")
+                                     description="Compile every shipped kernel config for sm_90, sm_100, sm_120 and "
+                                                 "sm_80 (no GPU needed) and print shared memory, registers, spills "
+                                                 "and the tensor-core instruction of each.")
     parser.add_argument("--json", action="store_true", help="the reports as JSON on stdout instead of a table")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
