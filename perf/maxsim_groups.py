@@ -16,10 +16,9 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from fused_ops.tunables import _maxsim_inputs
+from perf.maxsim_tiles import SHAPES, shape_inputs
 
 maxsim = importlib.import_module("fused_ops.maxsim")
-SHAPES = {"colpali": (1, 1024, 1000, 1030, 1030, 1030, 128), "nq16": (16, 32, 10000, 300, 100, 300, 128)}
 GROUPS = {"colpali": [(3, 16), (4, 16), (5, 16), (6, 16), (2, 16), (8, 16)],
           "nq16": [(16, 16), (8, 16), (10, 16), (12, 16), (14, 16), (16, 32), (19, 32), (20, 32), (24, 32)]}
 ROUNDS = 5
@@ -39,10 +38,8 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shipped_bound = maxsim.SCORE_GROUP
     for name, shape in SHAPES.items():
-        _maxsim_inputs.cache_clear()
-        Q, D, lengths = _maxsim_inputs(*shape)
+        Q, D, lengths, flops = shape_inputs(shape)
         n_queries, q_tokens, n_docs, _, _, _, dim = shape
-        flops = 2 * n_queries * q_tokens * lengths.sum().item() * dim
         shipped = maxsim.pick_config(n_queries, q_tokens, n_docs, dim, torch.bfloat16, Q.device)
         rows = maxsim._Rows.of(shipped.block_q, n_queries, q_tokens)
         print(f"{name}: shipped {shipped}; {rows.n_blocks} row blocks", flush=True)

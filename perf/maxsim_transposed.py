@@ -17,11 +17,11 @@ import dataclasses
 import importlib
 import sys
 
+from perf.maxsim_tiles import SHAPES, shape_inputs
 from perf.variants import edited_module
 
 maxsim = importlib.import_module("fused_ops.maxsim")
 
-SHAPES = {"nq16": (16, 32, 10000, 300, 100, 300, 128), "colpali": (1, 1024, 1000, 1030, 1030, 1030, 128)}
 # (block_q, block_d, warps, stages) of the transposed kernel: block_q is the instruction's N side
 TILINGS = [(256, 64, 8, 3), (128, 64, 4, 3), (256, 64, 4, 3), (256, 64, 8, 4), (128, 128, 8, 3), (256, 128, 8, 2)]
 ROUNDS = 3
@@ -69,14 +69,11 @@ def main() -> None:
     import torch
     import triton
     from triton.testing import do_bench
-    from fused_ops.tunables import _maxsim_inputs
     variant = transposed()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for name, shape in SHAPES.items():
-        _maxsim_inputs.cache_clear()
-        Q, D, lengths = _maxsim_inputs(*shape)
+        Q, D, lengths, flops = shape_inputs(shape)
         n_queries, q_tokens, n_docs, _, _, _, dim = shape
-        flops = 2 * n_queries * q_tokens * lengths.sum().item() * dim
         shipped = maxsim.pick_config(n_queries, q_tokens, n_docs, dim, torch.bfloat16, Q.device)
         print(f"{name}: shipped {shipped}", flush=True)
         reference = maxsim.launch_maxsim(Q, D, None, lengths, "sum", shipped)
