@@ -1,6 +1,11 @@
 """Test mode: the real Triton kernels on CUDA when a GPU is present, else on CPU through the
 Triton interpreter (TRITON_INTERPRET must be set before triton is first imported)."""
+import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import zlib
 
 import torch  # torch does not import triton, so the flag below still takes effect
@@ -17,6 +22,47 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # relative-RMSE bounds ||out - ref|| / ||ref|| per input dtype (GUIDE.md, Testing)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+class OfflineCompile:
+    """`python -m fused_ops.offline --json` (without TRITON_INTERPRET) in a subprocess, started once the
+    tests that read its reports are collected, so that its minutes of compiling run beside the
+    interpreted tests instead of before the offline ones."""
+
+    def __init__(self):
+        self.proc = None
+
+    def start(self) -> None:
+        if self.proc is None:
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            self.proc = subprocess.Popen([sys.executable, "-m", "fused_ops.offline", "--json"], env=env, text=True,
+                                         stdout=self.out, stderr=self.err, start_new_session=True)
+
+    def reports(self) -> list:
+        self.start()
+        if self.proc.wait():
+            self.err.seek(0)
+            raise RuntimeError(f"fused_ops.offline exited with {self.proc.returncode}:\n{self.err.read()[-4000:]}")
+        self.out.seek(0)
+        return json.loads(self.out.read())
+
+    def stop(self) -> None:
+        """Ends the compile (its worker processes too) if the run ends before it does."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+OFFLINE = OfflineCompile()
+
+
+def pytest_collection_finish(session):
+    if any("offline_reports" in getattr(item, "fixturenames", ()) for item in session.items):
+        OFFLINE.start()
+
+
+def pytest_unconfigure(config):
+    OFFLINE.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ the target's shared memory per block, spills nothing inside a loop, has no share
 (offline.BuildReport.fits), and (where it has dots) uses the target's matrix instructions.
 
 The compiler needs real (not interpreted) kernels, so the builds run in one subprocess without
-TRITON_INTERPRET; the tests read its reports.
+TRITON_INTERPRET, which conftest.OFFLINE starts as soon as the tests are collected (it compiles
+beside the interpreted tests); the tests read its reports.
 """
 import json
 import os
@@ -14,6 +15,7 @@ import importlib
 
 import pytest
 
+from conftest import OFFLINE
 from fused_ops import moe, offline, tuning
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
@@ -27,16 +29,13 @@ CASES = [(b, cc) for b in BUILDS for cc in b.targets]
 
 
 @pytest.fixture(scope="module")
-def reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "fused_ops.offline", "--json"], env=env, capture_output=True,
-                         text=True, check=True).stdout
-    return {(r["name"], r["cc"]): r for r in json.loads(out)}
+def offline_reports():
+    return {(r["name"], r["cc"]): r for r in OFFLINE.reports()}
 
 
 @pytest.mark.parametrize("build, cc", CASES, ids=[f"{b.name}-sm_{cc}" for b, cc in CASES])
-def test_compiles_fits_and_does_not_spill_in_loops(reports, build, cc):
-    r = reports[(build.name, cc)]
+def test_compiles_fits_and_does_not_spill_in_loops(offline_reports, build, cc):
+    r = offline_reports[(build.name, cc)]
     assert not r["notes"], f"compile failed: {r['notes']}"
     assert r["shared"] <= offline.SHARED_LIMIT[cc], f"{r['shared']} B shared > sm_{cc} limit"
     assert r["local"] == 0 and r["loop_spills"] == 0, \
