@@ -56,6 +56,12 @@ class OfflineCompile:
 OFFLINE = OfflineCompile()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests that read the offline compile's reports run last, so that the compile overlaps all
+    the others (a stable sort: every other order is kept)."""
+    items.sort(key=lambda item: "offline_reports" in getattr(item, "fixturenames", ()))
+
+
 def pytest_collection_finish(session):
     if any("offline_reports" in getattr(item, "fixturenames", ()) for item in session.items):
         OFFLINE.start()
