@@ -359,7 +359,7 @@ WINDOW_SPILLS = {(120, Tile(32, 64, 2)), (100, Tile(128, 32, 8))}
 
 
 def doc_window(dtype: torch.dtype, tile: Tile, group_bound: int, cc: int) -> int:
-    """The kernel's WINDOW on a target (its family's compute capability cc, 0 if none): documents
+    """The kernel's WINDOW on a target (the compute capability cc its family compiles for): documents
     whose row maxima wait in registers before their per-query sums. 0 (a sum per document) for
     float32, and on the top-k path (large groups) for tiles taller than 128 rows, tiles whose S
     tile alone takes 128 registers a thread, and WINDOW_SPILLS: ptxas spills the windows'
@@ -513,7 +513,7 @@ def _launch(Q, D, spans, packed, q_lengths, reduction, k, config, checks=None):
             MEAN=reduction == "mean", TOPK=k is not None, BLOCK_Q=cfg.block_q, BLOCK_D=cfg.block_d,
             BLOCK_K=pow2(dim, 16), QPB_PAD=rows.qpb_pad, GROUP=group_bound,
             UPCAST=dot_upcast(Q), PRECISION=dot_precision_for(Q.dtype, dim, Q.device),
-            WINDOW=doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC.get(tuning.device_family(Q.device), 0)),
+            WINDOW=doc_window(Q.dtype, tile, group_bound, tuning.FAMILY_CC[tuning.device_family(Q.device)]),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers or None)
         grid = (n_groups * rows.n_blocks,)
     if checks is not None:

@@ -24,20 +24,30 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
+def compiler_env() -> dict:
+    """This environment without TRITON_INTERPRET: for the subprocesses that compile real kernels."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def compiled_json(code: str):
+    """What Python `code`, run in such a subprocess, prints as JSON."""
+    return json.loads(subprocess.run([sys.executable, "-c", code], env=compiler_env(), capture_output=True, text=True,
+                                     check=True).stdout)
+
+
 class OfflineCompile:
     """`python -m fused_ops.offline --json` (without TRITON_INTERPRET) in a subprocess, started once the
     tests that read its reports are collected, so that its minutes of compiling run beside the
     interpreted tests instead of before the offline ones."""
 
     def __init__(self):
-        self.proc = None
+        self.proc = self.out = self.err = None
 
     def start(self) -> None:
         if self.proc is None:
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
             self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            self.proc = subprocess.Popen([sys.executable, "-m", "fused_ops.offline", "--json"], env=env, text=True,
-                                         stdout=self.out, stderr=self.err, start_new_session=True)
+            self.proc = subprocess.Popen([sys.executable, "-m", "fused_ops.offline", "--json"], env=compiler_env(),
+                                         text=True, stdout=self.out, stderr=self.err, start_new_session=True)
 
     def reports(self) -> list:
         self.start()

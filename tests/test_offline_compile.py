@@ -6,16 +6,12 @@ The compiler needs real (not interpreted) kernels, so the builds run in one subp
 TRITON_INTERPRET, which conftest.OFFLINE starts as soon as the tests are collected (it compiles
 beside the interpreted tests); the tests read its reports.
 """
-import json
-import os
-import subprocess
-import sys
 
 import importlib
 
 import pytest
 
-from conftest import OFFLINE
+from conftest import OFFLINE, compiled_json
 from fused_ops import moe, offline, tuning
 
 LN = importlib.import_module("fused_ops.layernorm_linear")
@@ -123,9 +119,7 @@ def test_maxsim_chunk_loop_masks_no_element_of_s():
             "ms = importlib.import_module('fused_ops.maxsim'); "
             f"build = next(b for b in ms.offline_builds() if b.name == {name!r}); "
             "print(json.dumps(offline.loop_opcodes(build, 90)))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    ops = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                    check=True).stdout)
+    ops = compiled_json(code)
     assert ops.get("HGMMA", 0) > 0, ops
     assert ops.get("FSEL", 0) < 256 * 64 // (8 * 32), ops
 
@@ -139,7 +133,5 @@ def test_the_slot_race_check_finds_the_router_without_its_wait():
             f"build = next(b for b in router.offline_builds() if b.name == {name!r}); "
             "build = dataclasses.replace(build, constexprs={**build.constexprs, 'WAIT_DOT': False}); "
             "print(json.dumps(offline.compile_build(build, 90).slot_races))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    races = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                      check=True).stdout)
+    races = compiled_json(code)
     assert races, "the unfixed build's x buffer should be flagged"
